@@ -1,0 +1,1 @@
+"""Training: optimizers, schedules, clipping, data and the trainer loop."""
