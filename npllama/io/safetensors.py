@@ -1,0 +1,167 @@
+"""safetensors files in the Hugging Face layout: read (memory-mapped, F32/F16/BF16/F64) and write (atomically).
+
+The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets}}, then the raw bytes. It is parsed here directly so that BF16 (which NumPy lacks)
+can be widened from its bits and every failure can name the file and the tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from typing import Any, Iterable
+
+import numpy as np
+
+from npllama.backend import to_host
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_FLOAT = ("F64", "F32", "F16", "BF16")
+
+
+class WeightsError(ValueError):
+    """A weights file or directory that cannot be loaded; the message names the file and the tensor."""
+
+
+class SafetensorsFile:
+    """The header of one .safetensors file and memory-mapped, lazily widened access to its tensors."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise WeightsError(f"{path}: truncated file ({size} bytes, no safetensors header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8:
+                    raise WeightsError(f"{path}: corrupt or truncated header (says {n} bytes, file has {size - 8})")
+                header = json.loads(f.read(n))
+        except FileNotFoundError:
+            raise WeightsError(f"{path}: file not found") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.header = header
+        self.data_start = 8 + n
+        self.size = size
+        for name, info in header.items():
+            try:
+                dt, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise WeightsError(f"{path}: corrupt header entry for tensor {name!r}") from None
+            if self.data_start + b > size:
+                raise WeightsError(f"{path}: truncated file: tensor {name!r} ends at byte {self.data_start + b}, "
+                                   f"file has {size}")
+            if dt in _DTYPES and (b - a) != int(np.prod(shape)) * np.dtype(_DTYPES[dt]).itemsize:
+                raise WeightsError(f"{path}: corrupt header: tensor {name!r} has {b - a} bytes for shape {shape} {dt}")
+        self._mm: np.memmap | None = None
+
+    def keys(self) -> list[str]:
+        """Tensor names in this file."""
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of a tensor."""
+        return tuple(self.header[name]["shape"])
+
+    def get(self, name: str, dtype: Any = None) -> np.ndarray:
+        """The tensor as NumPy, widened to `dtype` if given (a view of the mapped file when no conversion is needed)."""
+        info = self.header[name]
+        dt = info["dtype"]
+        if dt not in _DTYPES:
+            raise WeightsError(f"{self.path}: tensor {name!r} has dtype {dt}, which npllama cannot read "
+                               f"(supported: {', '.join(_DTYPES)})")
+        if dtype is not None and dt not in _FLOAT:
+            raise WeightsError(f"{self.path}: tensor {name!r} has dtype {dt}, expected a float tensor")
+        if self._mm is None:
+            # copy-on-write: in-place updates (an optimizer step) never write back to the file
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="c")
+        a, b = info["data_offsets"]
+        raw = self._mm[self.data_start + a:self.data_start + b]
+        shape = tuple(info["shape"])
+        if dt == "BF16":
+            # bfloat16 is the top half of a float32: put the 16 bits back in place
+            bits = raw.view(np.uint16).astype(np.uint32) << 16
+            arr = bits.view(np.float32).reshape(shape)
+            return arr if dtype is None else arr.astype(dtype, copy=False)
+        arr = raw.view(_DTYPES[dt]).reshape(shape)
+        if dtype is None or arr.dtype == np.dtype(dtype):
+            return arr
+        return arr.astype(dtype)
+
+
+def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
+    """Map tensor name -> the file holding it, for a dir (single file or sharded index) or a .safetensors path."""
+    if os.path.isfile(path):
+        f = SafetensorsFile(path)
+        return {k: f for k in f.keys()}
+    if not os.path.isdir(path):
+        raise WeightsError(f"{path}: no such file or directory")
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a valid sharded-checkpoint index ({e!r})") from None
+        files: dict[str, SafetensorsFile] = {}
+        out: dict[str, SafetensorsFile] = {}
+        for name, shard in weight_map.items():
+            if shard not in files:
+                files[shard] = SafetensorsFile(os.path.join(path, shard))
+            if name not in files[shard].header:
+                raise WeightsError(f"{os.path.join(path, shard)}: tensor {name!r} listed in the index is not in this shard")
+            out[name] = files[shard]
+        return out
+    if os.path.exists(single):
+        f = SafetensorsFile(single)
+        return {k: f for k in f.keys()}
+    raise WeightsError(f"{path}: no model.safetensors or model.safetensors.index.json found")
+
+
+def load_params(path: str, expected: dict[str, tuple[int, ...]], dtype: Any,
+                optional: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """Read every expected tensor (name -> shape) at `dtype`; errors name the missing, unexpected or misshapen tensor."""
+    files = open_checkpoint(path)
+    optional = set(optional)
+    ignorable = lambda k: k.endswith("rotary_emb.inv_freq")  # old exports saved this buffer
+    unexpected = sorted(k for k in files if k not in expected and k not in optional and not ignorable(k))
+    if unexpected:
+        raise WeightsError(f"{path}: unexpected tensor {unexpected[0]!r}"
+                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                           + " - not part of this model's config")
+    missing = [k for k in expected if k not in files]
+    if missing:
+        raise WeightsError(f"{path}: missing tensor {missing[0]!r}"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    params = {}
+    for name, shape in expected.items():
+        f = files[name]
+        found = f.shape(name)
+        if found != tuple(shape):
+            raise WeightsError(f"{f.path}: tensor {name!r} has shape {list(found)}, expected {list(shape)}")
+        params[name] = f.get(name, dtype)
+    return params
+
+
+def save_file(tensors: dict[str, Any], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (NumPy or CuPy) to a .safetensors file via a temp file and a rename (never half-written)."""
+    from safetensors.numpy import save_file as _save
+    host = {k: np.ascontiguousarray(to_host(v)) for k, v in tensors.items()}
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
+    os.close(fd)
+    try:
+        _save(host, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

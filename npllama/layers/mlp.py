@@ -1,0 +1,36 @@
+"""SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+from __future__ import annotations
+
+from typing import Any
+
+from npllama.backend import get_array_module
+from npllama.layers import linear
+
+
+def forward(x: Any, p: dict[str, Any]) -> tuple[Any, tuple]:
+    """x (B, T, D) -> y (B, T, D); p keyed 'gate_proj.weight', 'up_proj.weight', 'down_proj.weight' (+ biases)."""
+    xp = get_array_module(x)
+    g, cg = linear.forward(x, p["gate_proj.weight"], p.get("gate_proj.bias"))   # (B, T, I)
+    u, cu = linear.forward(x, p["up_proj.weight"], p.get("up_proj.bias"))       # (B, T, I)
+    s = 1.0 / (1.0 + xp.exp(-g))                                                 # sigmoid(g)
+    a = g * s                                                                    # silu(g)
+    y, cd = linear.forward(a * u, p["down_proj.weight"], p.get("down_proj.bias"))
+    return y, (cg, cu, cd, g, s, u, a)
+
+
+def backward(dy: Any, cache: tuple) -> tuple[Any, dict[str, Any]]:
+    """-> dx (B, T, D), grads keyed like p."""
+    cg, cu, cd, g, s, u, a = cache
+    grads: dict[str, Any] = {}
+    dh, grads["down_proj.weight"], db = linear.backward(dy, cd)
+    if db is not None:
+        grads["down_proj.bias"] = db
+    du = dh * a
+    dg = dh * u * (s * (1.0 + g * (1.0 - s)))    # silu'(g) = s + g s (1 - s)
+    dx = None
+    for name, d, c in (("gate_proj", dg, cg), ("up_proj", du, cu)):
+        dxi, grads[f"{name}.weight"], db = linear.backward(d, c)
+        if db is not None:
+            grads[f"{name}.bias"] = db
+        dx = dxi if dx is None else dx + dxi
+    return dx, grads

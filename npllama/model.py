@@ -1,0 +1,300 @@
+"""The Llama model: a config, a flat dict of parameters keyed by Hugging Face names, and the
+forward pass with its mirror-image backward, read top to bottom.
+
+    ids -> embed -> [ x += attn(rms_norm(x)); x += mlp(rms_norm(x)) ] * n_layers -> rms_norm -> lm_head -> logits
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from npllama.backend import backend_name, get_backend, resolve_dtype, to_host
+from npllama.config import LlamaConfig
+from npllama.kvcache import KVCache
+from npllama.layers import attention, embedding, linear, loss as xent, mlp, rmsnorm, rope
+
+
+def param_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's HF name and PyTorch-layout shape, in the order transformers lists them."""
+    D, I, V, hd = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
+    H, KV = c.num_attention_heads, c.num_key_value_heads
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D)}
+    for i in range(c.num_hidden_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        for name, out, inp in (("q_proj", H * hd, D), ("k_proj", KV * hd, D), ("v_proj", KV * hd, D),
+                               ("o_proj", D, H * hd)):
+            s[a + name + ".weight"] = (out, inp)
+            if c.attention_bias:
+                s[a + name + ".bias"] = (out,)
+        for name, out, inp in (("gate_proj", I, D), ("up_proj", I, D), ("down_proj", D, I)):
+            s[m + name + ".weight"] = (out, inp)
+            if c.mlp_bias:
+                s[m + name + ".bias"] = (out,)
+        s[f"model.layers.{i}.input_layernorm.weight"] = (D,)
+        s[f"model.layers.{i}.post_attention_layernorm.weight"] = (D,)
+    s["model.norm.weight"] = (D,)
+    if not c.tie_word_embeddings:
+        s["lm_head.weight"] = (V, D)
+    return s
+
+
+class Llama:
+    """A Llama causal LM on NumPy or CuPy; `params` are keyed and shaped as in transformers."""
+
+    def __init__(self, config: LlamaConfig, params: dict[str, Any], backend: str = "numpy",
+                 dtype: str = "float32") -> None:
+        self.config = config
+        self.xp = get_backend(backend)
+        self.dtype = resolve_dtype(dtype)
+        expected = param_shapes(config)
+        missing = [k for k in expected if k not in params]
+        if missing:
+            raise KeyError(f"missing parameter {missing[0]!r}")
+        unexpected = [k for k in params if k not in expected]
+        if unexpected:
+            raise KeyError(f"unexpected parameter {unexpected[0]!r} for this config")
+        for k, shape in expected.items():
+            if tuple(params[k].shape) != shape:
+                raise ValueError(f"parameter {k!r} has shape {list(params[k].shape)}, expected {list(shape)}")
+        # weights move to the backend once, here; nothing copies them back inside a layer
+        self.params: dict[str, Any] = {k: self._to_backend(params[k]) for k in expected}
+        self._rope_cache: tuple[Any, Any] | None = None
+        # per layer: (short name, full name) pairs, so each forward picks a layer's weights by lookup
+        self._layer_keys = [{part: [(k[len(pre + part):], k) for k in expected if k.startswith(pre + part)]
+                             for part in ("self_attn.", "mlp.")}
+                            for pre in (f"model.layers.{i}." for i in range(config.num_hidden_layers))]
+
+    def _to_backend(self, a: Any) -> Any:
+        if self.xp is np:
+            a = to_host(a)
+            return a if a.dtype == self.dtype else a.astype(self.dtype)
+        return self.xp.asarray(a, dtype=self.dtype)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str = "float32", backend: str = "numpy") -> Llama:
+        """Load an HF export (dir with config.json and model.safetensors or shards) or a .gguf file."""
+        path = os.fspath(path)
+        resolve_dtype(dtype)
+        get_backend(backend)  # fail on a bad backend before reading gigabytes
+        if path.endswith(".gguf"):
+            from npllama.io.gguf import load_gguf
+            config, params = load_gguf(path)
+            return cls(config, params, backend=backend, dtype=dtype)
+        from npllama.io.safetensors import WeightsError, load_params
+        if not os.path.isdir(path):
+            raise WeightsError(f"{path}: not a model directory or .gguf file")
+        config = LlamaConfig.from_json(os.path.join(path, "config.json"))
+        expected = param_shapes(config)
+        # transformers may write lm_head.weight even when tied; it is the same tensor, so it is not needed
+        optional = ["lm_head.weight"] if config.tie_word_embeddings else []
+        params = load_params(path, expected, resolve_dtype(dtype), optional=optional)
+        return cls(config, params, backend=backend, dtype=dtype)
+
+    @classmethod
+    def init(cls, config: LlamaConfig, seed: int = 0, dtype: str = "float32", backend: str = "numpy",
+             std: float = 0.02) -> Llama:
+        """A fresh model: weights ~ N(0, std), norms 1, biases 0 (transformers' init), reproducible from `seed`."""
+        rng = np.random.default_rng(seed)
+        dt = resolve_dtype(dtype)
+        params = {}
+        for name, shape in param_shapes(config).items():
+            if name.endswith("norm.weight"):
+                params[name] = np.ones(shape, dtype=dt)
+            elif name.endswith(".bias"):
+                params[name] = np.zeros(shape, dtype=dt)
+            else:  # drawn in float64 so the same seed gives the same model in either dtype
+                params[name] = (rng.standard_normal(shape) * std).astype(dt)
+        return cls(config, params, backend=backend, dtype=dtype)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write config.json + model.safetensors (HF layout) into `path`, replacing it only when complete."""
+        from npllama.io.safetensors import save_file
+        path = os.path.abspath(os.fspath(path))
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+        try:
+            save_file(self.params, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            self.config.save(os.path.join(tmp, "config.json"))
+            if os.path.isdir(path):
+                # keep other files (tokenizer, ...) already there; replace ours
+                for f in ("model.safetensors", "config.json"):
+                    os.replace(os.path.join(tmp, f), os.path.join(path, f))
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """Preallocated K/V buffers for `batch_size` sequences of up to `max_len` tokens."""
+        c = self.config
+        max_len = max_len or c.max_position_embeddings
+        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim,
+                       self.dtype, self.xp)
+
+    @property
+    def backend(self) -> str:
+        """'numpy' or 'cupy'."""
+        return backend_name(self.xp)
+
+    @property
+    def num_params(self) -> int:
+        """Total parameter count."""
+        return sum(int(np.prod(p.shape)) for p in self.params.values())
+
+    # ---------------------------------------------------------------- forward
+    def _rope_tables(self, T: int, start_pos: int, positions: Any) -> tuple[Any, Any]:
+        c = self.config
+        if positions is None and c.rope_type != "dynamic":
+            # every position's table is fixed: compute once, grow by doubling, slice per call
+            need = start_pos + T
+            if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
+                n = max(need, 2 * (0 if self._rope_cache is None else self._rope_cache[0].shape[0]), 256)
+                self._rope_cache = rope.tables(c, np.arange(n), self.dtype, self.xp)
+            cos, sin = self._rope_cache
+            return cos[start_pos:start_pos + T], sin[start_pos:start_pos + T]
+        if positions is None:
+            positions = np.arange(start_pos, start_pos + T)
+        return rope.tables(c, positions, self.dtype, self.xp)
+
+    def _check_ids(self, ids: Any) -> Any:
+        ids = self.xp.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"ids must be a 2-D (batch, seq) integer array, got shape {tuple(ids.shape)}")
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}")
+        return ids
+
+    def forward(self, ids: Any, cache: KVCache | None = None, start_pos: int = 0, positions: Any = None,
+                attn_mask: Any = None, last_only: bool = False) -> Any:
+        """ids (B, T) -> logits (B, T, V) (or (B, 1, V) with last_only) on the model's backend.
+
+        With a cache, K/V of these tokens are stored at [start_pos, start_pos + T) and attention
+        sees [0, start_pos + T). positions (B, T) override the rotary positions (left padding);
+        attn_mask (B, start_pos + T) marks real tokens (True) among the keys.
+        """
+        logits, _ = self._forward(ids, cache, start_pos, positions, attn_mask, keep=False, last_only=last_only)
+        return logits
+
+    def _forward(self, ids: Any, cache: KVCache | None, start_pos: int, positions: Any, attn_mask: Any,
+                 keep: bool, last_only: bool = False) -> tuple[Any, list]:
+        c, p, xp = self.config, self.params, self.xp
+        ids = self._check_ids(ids)
+        B, T = ids.shape
+        if cache is not None:
+            if start_pos + T > cache.max_len:
+                raise ValueError(f"sequence of {start_pos + T} tokens does not fit the KV cache ({cache.max_len})")
+            if B > cache.batch_size:
+                raise ValueError(f"batch of {B} does not fit the KV cache (batch_size={cache.batch_size})")
+        if attn_mask is not None:
+            attn_mask = xp.asarray(attn_mask, dtype=bool)
+            if attn_mask.shape != (B, start_pos + T):
+                raise ValueError(f"attn_mask must have shape {(B, start_pos + T)}, got {tuple(attn_mask.shape)}")
+        cos, sin = self._rope_tables(T, start_pos, positions)
+        caches: list = []                       # what backward needs, in forward order
+
+        x, ce = embedding.forward(ids, p["model.embed_tokens.weight"])                    # (B, T, D)
+        caches.append(ce)
+        for i in range(c.num_hidden_layers):
+            pre = f"model.layers.{i}."
+            h, cn1 = rmsnorm.forward(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps)
+            a, ca = attention.forward(h, self._layer(i, "self_attn."), cos, sin, c.num_attention_heads,
+                                      c.num_key_value_heads, c.head_dim,
+                                      kv=None if cache is None else cache.layer(i),
+                                      start_pos=start_pos, key_mask=attn_mask)
+            x = x + a
+            h, cn2 = rmsnorm.forward(x, p[pre + "post_attention_layernorm.weight"], c.rms_norm_eps)
+            m, cm = mlp.forward(h, self._layer(i, "mlp."))
+            x = x + m
+            if keep:
+                caches.append((cn1, ca, cn2, cm))
+        if last_only:
+            x = x[:, -1:]
+        h, cn = rmsnorm.forward(x, p["model.norm.weight"], c.rms_norm_eps)
+        logits, cl = linear.forward(h, self._lm_head())                                     # (B, T, V)
+        caches.append((cn, cl))
+        return logits, caches if keep else []
+
+    def _layer(self, i: int, part: str) -> dict[str, Any]:
+        return {short: self.params[full] for short, full in self._layer_keys[i][part]}
+
+    def _lm_head(self) -> Any:
+        return self.params["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+
+    # ---------------------------------------------------------------- backward
+    def backward(self, dlogits: Any, caches: list) -> dict[str, Any]:
+        """Gradients of every parameter from dlogits (B, T, V): the forward, read in reverse."""
+        c = self.config
+        grads: dict[str, Any] = {}
+        ce, *layers, (cn, cl) = caches
+        dh, dW_head, _ = linear.backward(dlogits, cl)
+        dx, grads["model.norm.weight"] = rmsnorm.backward(dh, cn)
+        for i in reversed(range(c.num_hidden_layers)):
+            pre = f"model.layers.{i}."
+            cn1, ca, cn2, cm = layers[i]
+            dh, g = mlp.backward(dx, cm)                       # x = x + mlp(norm(x)): both paths carry dx
+            grads.update({pre + "mlp." + k: v for k, v in g.items()})
+            dxn, grads[pre + "post_attention_layernorm.weight"] = rmsnorm.backward(dh, cn2)
+            dx = dx + dxn
+            dh, g = attention.backward(dx, ca)
+            grads.update({pre + "self_attn." + k: v for k, v in g.items()})
+            dxn, grads[pre + "input_layernorm.weight"] = rmsnorm.backward(dh, cn1)
+            dx = dx + dxn
+        dW_emb = embedding.backward(dx, ce)
+        if c.tie_word_embeddings:
+            dW_emb += dW_head                                  # one matrix, two uses: the gradients add
+        else:
+            grads["lm_head.weight"] = dW_head
+        grads["model.embed_tokens.weight"] = dW_emb
+        return {k: grads[k] for k in self.params}           # same order as params
+
+    def loss_and_grads(self, ids: Any, targets: Any, ignore_index: int = -100) -> tuple[float, dict[str, Any]]:
+        """Mean cross-entropy of `targets` (already the next tokens; ignore_index skipped) and every gradient."""
+        targets = self._check_targets(ids, targets)
+        logits, caches = self._forward(ids, None, 0, None, None, keep=True)
+        B, T, V = logits.shape
+        loss, cache = xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)
+        del logits                                             # the loss keeps its own shifted copy
+        dlogits = xent.backward(1.0, cache).reshape(B, T, V)
+        return loss, self.backward(dlogits, caches)
+
+    def loss(self, ids: Any, targets: Any, ignore_index: int = -100) -> float:
+        """Mean cross-entropy only (no backward)."""
+        targets = self._check_targets(ids, targets)
+        logits = self.forward(ids)
+        B, T, V = logits.shape
+        return xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)[0]
+
+    def _check_targets(self, ids: Any, targets: Any) -> Any:
+        targets = self.xp.asarray(targets)
+        if tuple(targets.shape) != tuple(np.shape(ids)):
+            raise ValueError(f"targets shape {tuple(targets.shape)} does not match ids shape {tuple(np.shape(ids))}")
+        if targets.dtype.kind not in "iu":
+            raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
+        return targets
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, prompt_ids: Any, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 **kwargs: Any) -> list:
+        """New token ids after the prompt (see npllama.generate.generate for every option)."""
+        from npllama.generate import generate
+        return generate(self, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, **kwargs)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Llama({self.num_params / 1e6:.1f}M params, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+                f"heads {c.num_attention_heads}/{c.num_key_value_heads}, {self.dtype.name}, {self.backend})")
+
