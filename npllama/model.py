@@ -5,6 +5,7 @@ forward pass with its mirror-image backward, read top to bottom.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from npllama.backend import backend_name, get_backend, resolve_dtype, to_host
+from npllama.backend import backend_name, get_backend, int_range, is_cupy, resolve_dtype, tf32, to_host
 from npllama.config import LlamaConfig
 from npllama.kvcache import KVCache
 from npllama.layers import attention, embedding, linear, loss as xent, mlp, rmsnorm, rope
@@ -43,14 +44,30 @@ def param_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
+def _tf32_scope(method: Any) -> Any:
+    """Run a model method with the model's TF32 setting in force (and the previous one restored after)."""
+    @functools.wraps(method)
+    def wrapper(self: Llama, *args: Any, **kwargs: Any) -> Any:
+        with tf32(self.xp, self.tf32):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Llama:
-    """A Llama causal LM on NumPy or CuPy; `params` are keyed and shaped as in transformers."""
+    """A Llama causal LM on NumPy or CuPy; `params` are keyed and shaped as in transformers.
+
+    fused: use the fused CUDA kernels (RMSNorm, RoPE, SwiGLU, cross-entropy) on CuPy; default True there.
+    False forces the plain array code, which is always what runs on NumPy.
+    tf32: let CuPy's float32 matmuls use TF32 tensor cores (faster, ~1e-3 relative error); off by default.
+    """
 
     def __init__(self, config: LlamaConfig, params: dict[str, Any], backend: str = "numpy",
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", fused: bool | None = None, tf32: bool = False) -> None:
         self.config = config
         self.xp = get_backend(backend)
         self.dtype = resolve_dtype(dtype)
+        self.fused = (self.xp is not np) if fused is None else bool(fused)
+        self.tf32 = bool(tf32)
         expected = param_shapes(config)
         missing = [k for k in expected if k not in params]
         if missing:
@@ -64,6 +81,7 @@ class Llama:
         # weights move to the backend once, here; nothing copies them back inside a layer
         self.params: dict[str, Any] = {k: self._to_backend(params[k]) for k in expected}
         self._rope_cache: tuple[Any, Any] | None = None
+        self._graph_decoder: Any = None        # built by generate(..., cuda_graph=True), kept for reuse
         # per layer: (short name, full name) pairs, so each forward picks a layer's weights by lookup
         self._layer_keys = [{part: [(k[len(pre + part):], k) for k in expected if k.startswith(pre + part)]
                              for part in ("self_attn.", "mlp.")}
@@ -77,7 +95,8 @@ class Llama:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, path: str, dtype: str = "float32", backend: str = "numpy") -> Llama:
+    def from_pretrained(cls, path: str, dtype: str = "float32", backend: str = "numpy", fused: bool | None = None,
+                        tf32: bool = False) -> Llama:
         """Load an HF export (dir with config.json and model.safetensors or shards) or a .gguf file."""
         path = os.fspath(path)
         resolve_dtype(dtype)
@@ -85,7 +104,7 @@ class Llama:
         if path.endswith(".gguf"):
             from npllama.io.gguf import load_gguf
             config, params = load_gguf(path)
-            return cls(config, params, backend=backend, dtype=dtype)
+            return cls(config, params, backend=backend, dtype=dtype, fused=fused, tf32=tf32)
         from npllama.io.safetensors import WeightsError, load_params
         if not os.path.isdir(path):
             raise WeightsError(f"{path}: not a model directory or .gguf file")
@@ -94,11 +113,11 @@ class Llama:
         # transformers may write lm_head.weight even when tied; it is the same tensor, so it is not needed
         optional = ["lm_head.weight"] if config.tie_word_embeddings else []
         params = load_params(path, expected, resolve_dtype(dtype), optional=optional)
-        return cls(config, params, backend=backend, dtype=dtype)
+        return cls(config, params, backend=backend, dtype=dtype, fused=fused, tf32=tf32)
 
     @classmethod
     def init(cls, config: LlamaConfig, seed: int = 0, dtype: str = "float32", backend: str = "numpy",
-             std: float = 0.02) -> Llama:
+             std: float = 0.02, fused: bool | None = None, tf32: bool = False) -> Llama:
         """A fresh model: weights ~ N(0, std), norms 1, biases 0 (transformers' init), reproducible from `seed`."""
         rng = np.random.default_rng(seed)
         dt = resolve_dtype(dtype)
@@ -110,7 +129,7 @@ class Llama:
                 params[name] = np.zeros(shape, dtype=dt)
             else:  # drawn in float64 so the same seed gives the same model in either dtype
                 params[name] = (rng.standard_normal(shape) * std).astype(dt)
-        return cls(config, params, backend=backend, dtype=dtype)
+        return cls(config, params, backend=backend, dtype=dtype, fused=fused, tf32=tf32)
 
     def save_pretrained(self, path: str) -> None:
         """Write config.json + model.safetensors (HF layout) into `path`, replacing it only when complete."""
@@ -166,16 +185,20 @@ class Llama:
         return rope.tables(c, positions, self.dtype, self.xp)
 
     def _check_ids(self, ids: Any) -> Any:
-        ids = self.xp.asarray(ids)
+        # host ids are checked on the host, before the copy: no GPU round trip per decoding step
+        ids = ids if is_cupy(ids) else np.asarray(ids)
         if ids.ndim != 2:
             raise ValueError(f"ids must be a 2-D (batch, seq) integer array, got shape {tuple(ids.shape)}")
         if ids.dtype.kind not in "iu":
             raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}")
-        return ids
+        if ids.size:
+            lo, hi = int_range(ids)
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}")
+        return self.xp.asarray(ids)
 
+    @_tf32_scope
     def forward(self, ids: Any, cache: KVCache | None = None, start_pos: int = 0, positions: Any = None,
                 attn_mask: Any = None, last_only: bool = False) -> Any:
         """ids (B, T) -> logits (B, T, V) (or (B, 1, V) with last_only) on the model's backend.
@@ -189,7 +212,7 @@ class Llama:
 
     def _forward(self, ids: Any, cache: KVCache | None, start_pos: int, positions: Any, attn_mask: Any,
                  keep: bool, last_only: bool = False) -> tuple[Any, list]:
-        c, p, xp = self.config, self.params, self.xp
+        c, p, xp, fused = self.config, self.params, self.xp, self.fused
         ids = self._check_ids(ids)
         B, T = ids.shape
         if cache is not None:
@@ -208,20 +231,20 @@ class Llama:
         caches.append(ce)
         for i in range(c.num_hidden_layers):
             pre = f"model.layers.{i}."
-            h, cn1 = rmsnorm.forward(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps)
+            h, cn1 = rmsnorm.forward(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps, fused)
             a, ca = attention.forward(h, self._layer(i, "self_attn."), cos, sin, c.num_attention_heads,
                                       c.num_key_value_heads, c.head_dim,
                                       kv=None if cache is None else cache.layer(i),
-                                      start_pos=start_pos, key_mask=attn_mask)
+                                      start_pos=start_pos, key_mask=attn_mask, fused=fused)
             x = x + a
-            h, cn2 = rmsnorm.forward(x, p[pre + "post_attention_layernorm.weight"], c.rms_norm_eps)
-            m, cm = mlp.forward(h, self._layer(i, "mlp."))
+            h, cn2 = rmsnorm.forward(x, p[pre + "post_attention_layernorm.weight"], c.rms_norm_eps, fused)
+            m, cm = mlp.forward(h, self._layer(i, "mlp."), fused)
             x = x + m
             if keep:
                 caches.append((cn1, ca, cn2, cm))
         if last_only:
             x = x[:, -1:]
-        h, cn = rmsnorm.forward(x, p["model.norm.weight"], c.rms_norm_eps)
+        h, cn = rmsnorm.forward(x, p["model.norm.weight"], c.rms_norm_eps, fused)
         logits, cl = linear.forward(h, self._lm_head())                                     # (B, T, V)
         caches.append((cn, cl))
         return logits, caches if keep else []
@@ -233,23 +256,24 @@ class Llama:
         return self.params["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
 
     # ---------------------------------------------------------------- backward
+    @_tf32_scope
     def backward(self, dlogits: Any, caches: list) -> dict[str, Any]:
         """Gradients of every parameter from dlogits (B, T, V): the forward, read in reverse."""
-        c = self.config
+        c, fused = self.config, self.fused
         grads: dict[str, Any] = {}
         ce, *layers, (cn, cl) = caches
         dh, dW_head, _ = linear.backward(dlogits, cl)
-        dx, grads["model.norm.weight"] = rmsnorm.backward(dh, cn)
+        dx, grads["model.norm.weight"] = rmsnorm.backward(dh, cn, fused)
         for i in reversed(range(c.num_hidden_layers)):
             pre = f"model.layers.{i}."
             cn1, ca, cn2, cm = layers[i]
-            dh, g = mlp.backward(dx, cm)                       # x = x + mlp(norm(x)): both paths carry dx
+            dh, g = mlp.backward(dx, cm, fused)                # x = x + mlp(norm(x)): both paths carry dx
             grads.update({pre + "mlp." + k: v for k, v in g.items()})
-            dxn, grads[pre + "post_attention_layernorm.weight"] = rmsnorm.backward(dh, cn2)
+            dxn, grads[pre + "post_attention_layernorm.weight"] = rmsnorm.backward(dh, cn2, fused)
             dx = dx + dxn
-            dh, g = attention.backward(dx, ca)
+            dh, g = attention.backward(dx, ca, fused)
             grads.update({pre + "self_attn." + k: v for k, v in g.items()})
-            dxn, grads[pre + "input_layernorm.weight"] = rmsnorm.backward(dh, cn1)
+            dxn, grads[pre + "input_layernorm.weight"] = rmsnorm.backward(dh, cn1, fused)
             dx = dx + dxn
         dW_emb = embedding.backward(dx, ce)
         if c.tie_word_embeddings:
@@ -259,14 +283,15 @@ class Llama:
         grads["model.embed_tokens.weight"] = dW_emb
         return {k: grads[k] for k in self.params}           # same order as params
 
+    @_tf32_scope
     def loss_and_grads(self, ids: Any, targets: Any, ignore_index: int = -100) -> tuple[float, dict[str, Any]]:
         """Mean cross-entropy of `targets` (already the next tokens; ignore_index skipped) and every gradient."""
         targets = self._check_targets(ids, targets)
         logits, caches = self._forward(ids, None, 0, None, None, keep=True)
         B, T, V = logits.shape
-        loss, cache = xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)
+        loss, cache = xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index, self.fused)
         del logits                                             # the loss keeps its own shifted copy
-        dlogits = xent.backward(1.0, cache).reshape(B, T, V)
+        dlogits = xent.backward(1.0, cache, self.fused).reshape(B, T, V)
         return loss, self.backward(dlogits, caches)
 
     def loss(self, ids: Any, targets: Any, ignore_index: int = -100) -> float:
@@ -274,7 +299,7 @@ class Llama:
         targets = self._check_targets(ids, targets)
         logits = self.forward(ids)
         B, T, V = logits.shape
-        return xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)[0]
+        return xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index, self.fused)[0]
 
     def _check_targets(self, ids: Any, targets: Any) -> Any:
         targets = self.xp.asarray(targets)
@@ -287,10 +312,20 @@ class Llama:
     # ---------------------------------------------------------------- generation
     def generate(self, prompt_ids: Any, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 **kwargs: Any) -> list:
-        """New token ids after the prompt (see npllama.generate.generate for every option)."""
+                 cuda_graph: bool = False, **kwargs: Any) -> list:
+        """New token ids after the prompt (see npllama.generate.generate for every option).
+
+        cuda_graph=True (CuPy only): each single-token step replays one captured CUDA graph
+        (npllama.kernels.decode.GraphDecoder); same tokens, far less host overhead per token.
+        """
         from npllama.generate import generate
-        return generate(self, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+        target: Any = self
+        if cuda_graph:
+            if self._graph_decoder is None:
+                from npllama.kernels.decode import GraphDecoder
+                self._graph_decoder = GraphDecoder(self, graph=True)
+            target = self._graph_decoder
+        return generate(target, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed, **kwargs)
 
     def __repr__(self) -> str:

@@ -14,13 +14,15 @@ from npllama.layers import linear, rope
 
 
 def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: int, head_dim: int,
-            kv: tuple[Any, Any] | None = None, start_pos: int = 0, key_mask: Any = None) -> tuple[Any, tuple]:
+            kv: tuple[Any, Any] | None = None, start_pos: int = 0, key_mask: Any = None,
+            fused: bool = False) -> tuple[Any, tuple]:
     """x (B, T, D) -> y (B, T, D).
 
     p: this layer's weights, keyed 'q_proj.weight', 'q_proj.bias' (optional), ... 'o_proj.weight'.
     kv: preallocated (k, v) buffers (B', n_kv, S_max, hd); this call writes positions
         [start_pos, start_pos + T) and attends to [0, start_pos + T).
     key_mask: optional bool (B, start_pos + T), False for padding slots that no query may see.
+    fused: use the fused CUDA rotary kernel on CuPy input (same result).
     """
     xp = get_array_module(x)
     B, T, _ = x.shape
@@ -28,8 +30,8 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
     q, cq = linear.forward(x, p["q_proj.weight"], p.get("q_proj.bias"))
     k, ck = linear.forward(x, p["k_proj.weight"], p.get("k_proj.bias"))
     v, cv = linear.forward(x, p["v_proj.weight"], p.get("v_proj.bias"))
-    q = rope.apply(q.reshape(B, T, H, hd), cos, sin)
-    k = rope.apply(k.reshape(B, T, KV, hd), cos, sin).transpose(0, 2, 1, 3)   # (B, KV, T, hd)
+    q = rope.apply(q.reshape(B, T, H, hd), cos, sin, fused)
+    k = rope.apply(k.reshape(B, T, KV, hd), cos, sin, fused).transpose(0, 2, 1, 3)   # (B, KV, T, hd)
     v = v.reshape(B, T, KV, hd).transpose(0, 2, 1, 3)                        # (B, KV, T, hd)
     S = start_pos + T
     if kv is not None:
@@ -56,7 +58,7 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
     return y, (cq, ck, cv, co, cos, sin, qg, k, v, P, (B, T, H, KV, hd))
 
 
-def backward(dy: Any, cache: tuple) -> tuple[Any, dict[str, Any]]:
+def backward(dy: Any, cache: tuple, fused: bool = False) -> tuple[Any, dict[str, Any]]:
     """-> dx (B, T, D), grads keyed like p. Only for calls without a KV cache (training)."""
     cq, ck, cv, co, cos, sin, qg, k, v, P, (B, T, H, KV, hd) = cache
     G = H // KV
@@ -75,8 +77,8 @@ def backward(dy: Any, cache: tuple) -> tuple[Any, dict[str, Any]]:
     dk = dS.transpose(0, 1, 3, 2) @ qg                                        # (B, KV, S, hd)
 
     dq = dqg.reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
-    dq = rope.apply_backward(dq, cos, sin).reshape(B, T, H * hd)
-    dk = rope.apply_backward(dk.transpose(0, 2, 1, 3), cos, sin).reshape(B, T, KV * hd)
+    dq = rope.apply_backward(dq, cos, sin, fused).reshape(B, T, H * hd)
+    dk = rope.apply_backward(dk.transpose(0, 2, 1, 3), cos, sin, fused).reshape(B, T, KV * hd)
     dv = dv.transpose(0, 2, 1, 3).reshape(B, T, KV * hd)
     dx = None
     for name, d, c in (("q_proj", dq, cq), ("k_proj", dk, ck), ("v_proj", dv, cv)):

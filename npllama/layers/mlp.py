@@ -3,30 +3,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from npllama.backend import get_array_module
+from npllama.backend import fused_kernels, get_array_module
 from npllama.layers import linear
 
 
-def forward(x: Any, p: dict[str, Any]) -> tuple[Any, tuple]:
+def forward(x: Any, p: dict[str, Any], fused: bool = False) -> tuple[Any, tuple]:
     """x (B, T, D) -> y (B, T, D); p keyed 'gate_proj.weight', 'up_proj.weight', 'down_proj.weight' (+ biases)."""
     xp = get_array_module(x)
     g, cg = linear.forward(x, p["gate_proj.weight"], p.get("gate_proj.bias"))   # (B, T, I)
     u, cu = linear.forward(x, p["up_proj.weight"], p.get("up_proj.bias"))       # (B, T, I)
-    s = 1.0 / (1.0 + xp.exp(-g))                                                 # sigmoid(g)
-    a = g * s                                                                    # silu(g)
-    y, cd = linear.forward(a * u, p["down_proj.weight"], p.get("down_proj.bias"))
+    if k := fused_kernels(x, fused):
+        s, a, h = k.swiglu_forward(g, u)
+    else:
+        s = 1.0 / (1.0 + xp.exp(-g))                                             # sigmoid(g)
+        a = g * s                                                                # silu(g)
+        h = a * u
+    y, cd = linear.forward(h, p["down_proj.weight"], p.get("down_proj.bias"))
     return y, (cg, cu, cd, g, s, u, a)
 
 
-def backward(dy: Any, cache: tuple) -> tuple[Any, dict[str, Any]]:
+def backward(dy: Any, cache: tuple, fused: bool = False) -> tuple[Any, dict[str, Any]]:
     """-> dx (B, T, D), grads keyed like p."""
     cg, cu, cd, g, s, u, a = cache
     grads: dict[str, Any] = {}
     dh, grads["down_proj.weight"], db = linear.backward(dy, cd)
     if db is not None:
         grads["down_proj.bias"] = db
-    du = dh * a
-    dg = dh * u * (s * (1.0 + g * (1.0 - s)))    # silu'(g) = s + g s (1 - s)
+    if k := fused_kernels(dh, fused):
+        dg, du = k.swiglu_backward(dh, g, s, u, a)
+    else:
+        du = dh * a
+        dg = dh * u * (s * (1.0 + g * (1.0 - s)))    # silu'(g) = s + g s (1 - s)
     dx = None
     for name, d, c in (("gate_proj", dg, cg), ("up_proj", du, cu)):
         dxi, grads[f"{name}.weight"], db = linear.backward(d, c)

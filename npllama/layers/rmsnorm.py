@@ -3,19 +3,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from npllama.backend import get_array_module
+from npllama.backend import fused_kernels, get_array_module
 
 
-def forward(x: Any, w: Any, eps: float) -> tuple[Any, tuple]:
-    """x (..., D), w (D,) -> y (..., D)."""
+def forward(x: Any, w: Any, eps: float, fused: bool = False) -> tuple[Any, tuple]:
+    """x (..., D), w (D,) -> y (..., D). fused: use the CUDA kernel on CuPy input (same result)."""
+    if k := fused_kernels(x, fused):
+        return k.rmsnorm_forward(x, w, eps)
     xp = get_array_module(x)
     rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)   # (..., 1)
     xhat = x * rstd
     return xhat * w, (xhat, rstd, w)
 
 
-def backward(dy: Any, cache: tuple) -> tuple[Any, Any]:
+def backward(dy: Any, cache: tuple, fused: bool = False) -> tuple[Any, Any]:
     """-> dx (..., D), dw (D,)."""
+    if k := fused_kernels(dy, fused):
+        return k.rmsnorm_backward(dy, cache)
     xhat, rstd, w = cache
     dw = (dy * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0)
     dxhat = dy * w

@@ -1,0 +1,436 @@
+"""Decoding one token at a time on static buffers, so that the GPU step can be captured once as a
+CUDA graph and replayed per token.
+
+Why: an eager decode step on CuPy launches ~25 kernels per layer, each costing tens of microseconds of
+Python and launch overhead, so the host, not the GPU, sets the speed. A CUDA graph launches the whole
+step at once. Capture needs a step whose every buffer address and shape is fixed, and CuPy cannot
+capture cuBLAS calls ("calling cuBLAS API during stream capture is currently unsupported"), so:
+
+- the position and token ids live in a device buffer (`DecodeStep.inp`) that kernels read, instead of
+  Python ints baked into slices;
+- attention reads the preallocated KV cache up to that position;
+- the matrix-vector products are a RawKernel of our own (`gemv`), not cuBLAS.
+
+`DecodeStep` is written once against a small set of operations (`ops`): `ArrayOps` is plain array code
+(NumPy or CuPy, the reference, testable on the CPU), `CudaOps` the same operations as CUDA kernels.
+`GraphDecoder` looks like the model to `npllama.generate` (config, new_cache, forward): the prompt runs
+through the model's ordinary forward, each single-token step through the captured graph.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from npllama.backend import is_cupy, to_host
+from npllama.kvcache import KVCache
+from npllama.layers import rmsnorm, rope
+
+
+def decode_tables(config: Any, max_len: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (max_len, head_dim // 2) on the host: row p is what a plain forward uses at position p."""
+    if config.rope_type == "dynamic":
+        # a plain decoding step at position p computes its table for a sequence of p + 1 tokens
+        rows = [rope.tables(config, np.array([p]), dtype) for p in range(max_len)]
+        cos, sin = np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+    else:
+        cos, sin = rope.tables(config, np.arange(max_len), dtype)
+    h = config.head_dim // 2
+    return np.ascontiguousarray(cos.reshape(max_len, h)), np.ascontiguousarray(sin.reshape(max_len, h))
+
+
+class ArrayOps:
+    """The step's operations as plain array code (NumPy or CuPy): the reference for `CudaOps`.
+
+    Shapes: x (B, D) rows; W (out, in); buffers (B_cache, KV, max_len, hd); pos a 1-element int array.
+    """
+
+    def embed(self, W: Any, tok: Any) -> Any:
+        """Rows W[tok] -> (B, D)."""
+        return W[tok]
+
+    def linear(self, x: Any, W: Any, b: Any = None) -> Any:
+        """x (B, in) -> x W^T + b (B, out)."""
+        y = x @ W.T
+        if b is not None:
+            y += b
+        return y
+
+    def rmsnorm(self, x: Any, w: Any, eps: float) -> Any:
+        """RMSNorm of each row."""
+        return rmsnorm.forward(x, w, eps)[0]
+
+    def rope(self, x: Any, cos: Any, sin: Any, pos: Any, n_heads: int) -> Any:
+        """Rotate each head of x (B, n_heads * hd) by table row pos[0]."""
+        p, B = int(pos[0]), x.shape[0]
+        y = rope.apply(x.reshape(B, 1, n_heads, -1), cos[p:p + 1, None], sin[p:p + 1, None])
+        return y.reshape(B, -1)
+
+    def kv_write(self, buf: Any, x: Any, pos: Any) -> None:
+        """buf[b, :, pos[0]] = x[b] as (KV, hd), for the B rows of x."""
+        B, KV, _, hd = x.shape[0], buf.shape[1], buf.shape[2], buf.shape[3]
+        buf[:B, :, int(pos[0])] = x.reshape(B, KV, hd)
+
+    def attend(self, q: Any, kbuf: Any, vbuf: Any, pos: Any, n_heads: int) -> Any:
+        """Causal GQA attention of one query per row over keys 0..pos[0] -> (B, n_heads * hd)."""
+        from npllama.backend import get_array_module
+        xp = get_array_module(q)
+        S, B, KV, hd = int(pos[0]) + 1, q.shape[0], kbuf.shape[1], kbuf.shape[3]
+        k, v = kbuf[:B, :, :S], vbuf[:B, :, :S]                                # (B, KV, S, hd)
+        qg = q.reshape(B, KV, n_heads // KV, hd)                              # head h = kv * G + g
+        s = (qg @ k.transpose(0, 1, 3, 2)) * (hd ** -0.5)                     # (B, KV, G, S)
+        s = xp.exp(s - s.max(axis=-1, keepdims=True))
+        s /= s.sum(axis=-1, keepdims=True)
+        return (s @ v).reshape(B, n_heads * hd)
+
+    def swiglu(self, g: Any, u: Any) -> Any:
+        """silu(g) * u."""
+        from npllama.backend import get_array_module
+        s = 1.0 / (1.0 + get_array_module(g).exp(-g))
+        return g * s * u
+
+
+# One CUDA source, compiled once per dtype with T bound by a typedef (simpler than C++ templates).
+_CUDA_SOURCE = r"""
+#define NT 128   // threads per block of `attend`, a power of two
+
+extern "C" {
+
+// y[b, r] = sum_j W[r, j] x[b, j]. W (n_out, n_in) row-major. One warp per output row: the warp's 32
+// lanes stride along the row (coalesced reads), then a shuffle reduction.
+// blockDim (32, ROWS), grid (ceil(n_out / ROWS), B).
+__global__ void gemv(const T* __restrict__ W, const T* __restrict__ x, T* __restrict__ y, int n_out, int n_in) {
+    const int r = blockIdx.x * blockDim.y + threadIdx.y;
+    const int b = blockIdx.y;
+    if (r >= n_out) return;                 // r is the same for the whole warp, so the warp leaves together
+    const T* w = W + (size_t)r * n_in;
+    const T* xb = x + (size_t)b * n_in;
+    T acc = 0;
+    for (int j = threadIdx.x; j < n_in; j += 32) acc += w[j] * xb[j];
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+    if (threadIdx.x == 0) y[(size_t)b * n_out + r] = acc;
+}
+
+// x[b, :] = W[tok[b], :]; one thread per output element
+__global__ void embed(const T* __restrict__ W, const int* __restrict__ tok, T* __restrict__ x, int B, int D) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)B * D) return;
+    x[i] = W[(size_t)tok[i / D] * D + i % D];
+}
+
+// rotate each head of x (B, nh * hd) in place by table row pos[0] (cos, sin: (max_len, hd / 2));
+// one thread per pair (d, d + hd/2), so no two threads touch the same element
+__global__ void rope_at(T* __restrict__ x, const T* __restrict__ cos_t, const T* __restrict__ sin_t,
+                        const int* __restrict__ pos, int B, int nh, int hd) {
+    const int half = hd / 2;
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)B * nh * half) return;
+    const int j = i % half;
+    T* v = x + (i / half) * hd;             // this (row, head)'s vector
+    const T c = cos_t[(size_t)pos[0] * half + j];
+    const T s = sin_t[(size_t)pos[0] * half + j];
+    const T x1 = v[j], x2 = v[j + half];
+    v[j] = x1 * c - x2 * s;
+    v[j + half] = x2 * c + x1 * s;
+}
+
+// buf (B_cache, KV, L, hd): buf[b, kh, pos[0], d] = x[b, kh * hd + d] for b < B
+__global__ void kv_write(T* __restrict__ buf, const T* __restrict__ x, const int* __restrict__ pos,
+                         int B, int KV, int L, int hd) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)B * KV * hd) return;
+    const size_t bk = i / hd;               // b * KV + kh
+    buf[(bk * L + pos[0]) * hd + i % hd] = x[i];
+}
+
+// block-wide max (take_max) or sum of one value per thread; every thread gets the result
+__device__ T block_reduce(T v, T* red, bool take_max) {
+    red[threadIdx.x] = v;
+    __syncthreads();
+    for (int st = NT / 2; st > 0; st >>= 1) {
+        if (threadIdx.x < st) {
+            const T a = red[threadIdx.x], o = red[threadIdx.x + st];
+            red[threadIdx.x] = take_max ? (o > a ? o : a) : a + o;
+        }
+        __syncthreads();
+    }
+    const T r = red[0];
+    __syncthreads();                        // red is reused by the next call
+    return r;
+}
+
+// One query per (b, head) against keys 0..pos[0] of the cache: out = softmax(q k^T * scale) v.
+// Head h reads KV head h / (H / KV) (grouped-query). scores: scratch (B, H, L).
+// blockDim NT, grid (H, B).
+__global__ void attend(const T* __restrict__ q, const T* __restrict__ kbuf, const T* __restrict__ vbuf,
+                       const int* __restrict__ pos, T* __restrict__ scores, T* __restrict__ out,
+                       int H, int KV, int L, int hd, T scale) {
+    __shared__ T red[NT];
+    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const int n = pos[0] + 1;
+    const size_t kvoff = ((size_t)b * KV + h / (H / KV)) * L * hd;
+    const T* qv = q + ((size_t)b * H + h) * hd;
+    const T* K = kbuf + kvoff;
+    const T* V = vbuf + kvoff;
+    T* s = scores + ((size_t)b * H + h) * L;
+    T m = (T)-3.0e38;                       // below any real score; every block has at least key 0
+    for (int j = tid; j < n; j += NT) {
+        T acc = 0;
+        for (int d = 0; d < hd; ++d) acc += qv[d] * K[(size_t)j * hd + d];
+        acc *= scale;
+        s[j] = acc;
+        m = acc > m ? acc : m;
+    }
+    m = block_reduce(m, red, true);
+    T sum = 0;
+    for (int j = tid; j < n; j += NT) {
+        const T e = exp(s[j] - m);
+        s[j] = e;
+        sum += e;
+    }
+    sum = block_reduce(sum, red, false);    // its __syncthreads also publishes every s[j] to the block
+    for (int d = tid; d < hd; d += NT) {
+        T acc = 0;
+        for (int j = 0; j < n; ++j) acc += s[j] * V[(size_t)j * hd + d];
+        out[((size_t)b * H + h) * hd + d] = acc / sum;
+    }
+}
+
+}  // extern "C"
+"""
+
+_GEMV_ROWS = 4        # warps (output rows) per block of gemv
+_ATTEND_THREADS = 128  # = NT in the source
+_THREADS = 256        # threads per block of the one-thread-per-element kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _module(ctype: str) -> Any:
+    import cupy
+    return cupy.RawModule(code=f"typedef {ctype} T;\n" + _CUDA_SOURCE)
+
+
+class CudaOps(ArrayOps):
+    """The same operations as CUDA kernels: no cuBLAS and no host synchronization, so a step made of
+    them can be captured into a CUDA graph. RMSNorm and SwiGLU use the fused layer kernels."""
+
+    def __init__(self, dtype: Any) -> None:
+        import cupy
+        self.cp = cupy
+        self.dtype = np.dtype(dtype)
+        mod = _module({np.float32: "float", np.float64: "double"}[self.dtype.type])
+        self.k = {name: mod.get_function(name) for name in ("gemv", "embed", "rope_at", "kv_write", "attend")}
+
+    @staticmethod
+    def _blocks(n: int) -> tuple[int]:
+        return ((n + _THREADS - 1) // _THREADS,)
+
+    def embed(self, W: Any, tok: Any) -> Any:
+        B, D = tok.shape[0], W.shape[1]
+        x = self.cp.empty((B, D), dtype=W.dtype)
+        self.k["embed"](self._blocks(B * D), (_THREADS,), (W, tok, x, np.int32(B), np.int32(D)))
+        return x
+
+    def linear(self, x: Any, W: Any, b: Any = None) -> Any:
+        (B, n_in), n_out = x.shape, W.shape[0]
+        if not (x.flags.c_contiguous and W.flags.c_contiguous) or W.shape[1] != n_in:
+            # the kernel indexes raw row-major memory: anything else would read the wrong numbers
+            raise ValueError(f"gemv needs C-contiguous x (B, in) and W (out, in), got {x.shape} and {W.shape}")
+        y = self.cp.empty((B, n_out), dtype=x.dtype)
+        grid = ((n_out + _GEMV_ROWS - 1) // _GEMV_ROWS, B)
+        self.k["gemv"](grid, (32, _GEMV_ROWS), (W, x, y, np.int32(n_out), np.int32(n_in)))
+        if b is not None:
+            y += b
+        return y
+
+    def rmsnorm(self, x: Any, w: Any, eps: float) -> Any:
+        return rmsnorm.forward(x, w, eps, fused=True)[0]
+
+    def rope(self, x: Any, cos: Any, sin: Any, pos: Any, n_heads: int) -> Any:
+        B, hd = x.shape[0], x.shape[1] // n_heads
+        self.k["rope_at"](self._blocks(B * n_heads * (hd // 2)), (_THREADS,),
+                          (x, cos, sin, pos, np.int32(B), np.int32(n_heads), np.int32(hd)))
+        return x
+
+    def kv_write(self, buf: Any, x: Any, pos: Any) -> None:
+        B, KV, L, hd = x.shape[0], buf.shape[1], buf.shape[2], buf.shape[3]
+        self.k["kv_write"](self._blocks(B * KV * hd), (_THREADS,),
+                           (buf, x, pos, np.int32(B), np.int32(KV), np.int32(L), np.int32(hd)))
+
+    def attend(self, q: Any, kbuf: Any, vbuf: Any, pos: Any, n_heads: int) -> Any:
+        B, KV, L, hd = q.shape[0], kbuf.shape[1], kbuf.shape[2], kbuf.shape[3]
+        scores = self.cp.empty((B, n_heads, L), dtype=q.dtype)
+        out = self.cp.empty((B, n_heads * hd), dtype=q.dtype)
+        self.k["attend"]((n_heads, B), (_ATTEND_THREADS,),
+                         (q, kbuf, vbuf, pos, scores, out, np.int32(n_heads), np.int32(KV), np.int32(L),
+                          np.int32(hd), self.dtype.type(hd ** -0.5)))
+        return out
+
+    def swiglu(self, g: Any, u: Any) -> Any:
+        from npllama.kernels import cuda
+        return cuda.swiglu_forward(g, u)[2]
+
+
+class DecodeStep:
+    """One decoding step for all rows of a KV cache at one shared position, on static buffers.
+
+    Write [pos, tok_0, ..., tok_{B-1}] into `inp` (int32), call the step: it stores each row's K/V at
+    `pos` and returns the logits (B, V) of the next token. Nothing in a call depends on Python values
+    that change between tokens, which is what lets `GraphDecoder` capture it.
+    """
+
+    def __init__(self, model: Any, cache: KVCache, ops: ArrayOps) -> None:
+        xp, c = model.xp, model.config
+        self.model, self.cache, self.ops = model, cache, ops
+        self.inp = xp.zeros(cache.batch_size + 1, dtype=xp.int32)
+        self.pos, self.tok = self.inp[:1], self.inp[1:]
+        cos, sin = decode_tables(c, cache.max_len, model.dtype)
+        self.cos, self.sin = xp.asarray(cos), xp.asarray(sin)
+
+    def set_input(self, tok: Any, pos: int) -> None:
+        """Token ids (B,) and their position, copied to the device in one transfer."""
+        host = np.empty(self.inp.shape[0], dtype=np.int32)
+        host[0], host[1:] = pos, tok
+        if is_cupy(self.inp):
+            self.inp.set(host)
+        else:
+            self.inp[...] = host
+
+    def __call__(self) -> Any:
+        c, p, ops, eps = self.model.config, self.model.params, self.ops, self.model.config.rms_norm_eps
+        H, KV = c.num_attention_heads, c.num_key_value_heads
+        x = ops.embed(p["model.embed_tokens.weight"], self.tok)                       # (B, D)
+        for i in range(c.num_hidden_layers):
+            pre = f"model.layers.{i}."
+            a, m = pre + "self_attn.", pre + "mlp."
+            h = ops.rmsnorm(x, p[pre + "input_layernorm.weight"], eps)
+            q = ops.linear(h, p[a + "q_proj.weight"], p.get(a + "q_proj.bias"))        # (B, H hd)
+            k = ops.linear(h, p[a + "k_proj.weight"], p.get(a + "k_proj.bias"))        # (B, KV hd)
+            v = ops.linear(h, p[a + "v_proj.weight"], p.get(a + "v_proj.bias"))
+            q = ops.rope(q, self.cos, self.sin, self.pos, H)
+            k = ops.rope(k, self.cos, self.sin, self.pos, KV)
+            kbuf, vbuf = self.cache.layer(i)
+            ops.kv_write(kbuf, k, self.pos)
+            ops.kv_write(vbuf, v, self.pos)
+            o = ops.attend(q, kbuf, vbuf, self.pos, H)                                  # (B, H hd)
+            x = x + ops.linear(o, p[a + "o_proj.weight"], p.get(a + "o_proj.bias"))
+            h = ops.rmsnorm(x, p[pre + "post_attention_layernorm.weight"], eps)
+            gate = ops.linear(h, p[m + "gate_proj.weight"], p.get(m + "gate_proj.bias"))
+            up = ops.linear(h, p[m + "up_proj.weight"], p.get(m + "up_proj.bias"))
+            x = x + ops.linear(ops.swiglu(gate, up), p[m + "down_proj.weight"], p.get(m + "down_proj.bias"))
+        h = ops.rmsnorm(x, p["model.norm.weight"], eps)
+        return ops.linear(h, self.model._lm_head())                                     # (B, V)
+
+
+class GraphDecoder:
+    """Stands in for a Llama in `npllama.generate`: prompts go through `model.forward`, single-token steps
+    through `DecodeStep`, captured once as a CUDA graph and replayed per token (on CuPy).
+
+        dec = GraphDecoder(model)                       # or model.generate(..., cuda_graph=True)
+        out = npllama.generate.generate(dec, prompt_ids, max_new_tokens=128)
+
+    graph=False runs the same static step eagerly (any backend; on NumPy this is the only choice).
+    kernels=False (eager only) uses `ArrayOps` instead of the CUDA kernels. The graph reads the model's
+    parameter arrays by address: in-place updates (the optimizer's) are seen; replaced arrays trigger a
+    new capture. Left-padded batches (positions / attn_mask) fall back to the model's own forward.
+    """
+
+    def __init__(self, model: Any, graph: bool | None = None, kernels: bool | None = None) -> None:
+        on_gpu = model.xp is not np
+        self.graph = on_gpu if graph is None else bool(graph)
+        self.kernels = on_gpu if kernels is None else bool(kernels)
+        if (self.graph or self.kernels) and not on_gpu:
+            raise ValueError("CUDA graphs and decode kernels need backend='cupy'")
+        if self.graph and not self.kernels:
+            raise ValueError("a CUDA graph cannot capture cuBLAS: graph=True needs kernels=True")
+        self.model = model
+        self.config = model.config
+        self.cache: KVCache | None = None
+        self.step: DecodeStep | None = None
+        self.captures = 0                  # how many times a graph was captured (for tests and benchmarks)
+        self._graph: Any = None
+        self._logits: Any = None
+        self._keep: list = []
+        self._params: dict[str, Any] = {}
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """The decoder's own KV cache (reused, with its captured graph, when the shape is the same)."""
+        max_len = max_len or self.config.max_position_embeddings
+        if self.cache is None or (self.cache.batch_size, self.cache.max_len) != (batch_size, max_len):
+            self._release()
+            self.cache = self.model.new_cache(batch_size, max_len)
+            ops = CudaOps(self.model.dtype) if self.kernels else ArrayOps()
+            self.step = DecodeStep(self.model, self.cache, ops)
+        return self.cache
+
+    def forward(self, ids: Any, cache: KVCache | None = None, start_pos: int = 0, positions: Any = None,
+                attn_mask: Any = None, last_only: bool = False) -> Any:
+        """Llama.forward's contract; one token per row of the decoder's own cache takes the static step."""
+        shape = np.shape(ids)
+        if (cache is not None and cache is self.cache and positions is None and attn_mask is None
+                and len(shape) == 2 and shape[1] == 1 and shape[0] == cache.batch_size):
+            return self.decode(ids, start_pos)[:, None, :]
+        return self.model.forward(ids, cache=cache, start_pos=start_pos, positions=positions,
+                                  attn_mask=attn_mask, last_only=last_only)
+
+    def decode(self, tok: Any, pos: int) -> Any:
+        """Logits (B, V) of one step: tok (B,) or (B, 1) ids at position `pos` (earlier K/V already cached)."""
+        if self.step is None or self.cache is None:
+            raise RuntimeError("call new_cache(batch_size, max_len) first")
+        tok = np.asarray(to_host(tok)).reshape(-1)
+        if tok.shape[0] != self.cache.batch_size:
+            raise ValueError(f"{tok.shape[0]} token ids for a cache of batch {self.cache.batch_size}")
+        if tok.size and (tok.min() < 0 or tok.max() >= self.config.vocab_size):
+            raise ValueError(f"token id out of range for vocab_size={self.config.vocab_size}")
+        if not 0 <= pos < self.cache.max_len:
+            raise ValueError(f"position {pos} does not fit the KV cache ({self.cache.max_len})")
+        self.step.set_input(tok, pos)
+        if not self.graph:
+            return self.step()
+        if self._graph is None or any(self.model.params.get(k) is not v for k, v in self._params.items()):
+            self._capture()
+        self._graph.launch()
+        return self._logits.copy()         # the graph overwrites its output buffer at the next replay
+
+    def _capture(self) -> None:
+        import cupy
+        self._release()
+        cupy.cuda.get_current_stream().synchronize()       # the prompt's K/V writes are done
+        stream = cupy.cuda.Stream(non_blocking=True)       # capture needs a stream other than the default
+        base = cupy.cuda.get_allocator()
+        keep: list = []
+
+        def alloc(nbytes: int) -> Any:
+            # every buffer the captured kernels use stays allocated as long as the graph exists;
+            # otherwise the pool would hand it to other arrays while replays keep writing into it
+            mem = base(nbytes)
+            keep.append(mem)
+            return mem
+
+        with stream:
+            self.step()          # warm-up outside the capture: compiles and loads every kernel
+            stream.synchronize()
+            with cupy.cuda.using_allocator(alloc):
+                stream.begin_capture()
+                try:
+                    logits = self.step()
+                except BaseException:
+                    try:
+                        stream.end_capture()
+                    except Exception:
+                        pass
+                    raise
+                graph = stream.end_capture()
+        self._graph, self._logits, self._keep = graph, logits, keep
+        self._params = dict(self.model.params)
+        self.captures += 1
+
+    def __getattr__(self, name: str) -> Any:
+        # anything else a caller may ask a model for (xp, dtype, params, ...) is the model's
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def _release(self) -> None:
+        self._graph, self._logits, self._keep, self._params = None, None, [], {}
