@@ -1,0 +1,290 @@
+"""NumPy vs CuPy, fused vs plain kernels, CUDA-graph decoding vs plain decoding, TF32 off by default.
+
+Runs only with CuPy and a CUDA device; otherwise every test here skips with the reason. Tolerances
+(max|a - b| / max|b|): float64 <= 1e-10, float32 <= 1e-5.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install 'npllama[gpu]'): GPU tests skipped")
+try:
+    _N_DEVICES, _WHY = cupy.cuda.runtime.getDeviceCount(), "no CUDA device"
+except Exception as e:  # CUDA driver or runtime missing
+    _N_DEVICES, _WHY = 0, f"CUDA is not usable: {e}"
+if _N_DEVICES == 0:
+    pytest.skip(f"CuPy is installed but {_WHY}: GPU tests skipped", allow_module_level=True)
+
+import npllama  # noqa: E402
+from npllama.backend import tf32, tf32_enabled, to_host  # noqa: E402
+from npllama.kernels import cuda  # noqa: E402
+from npllama.kernels.decode import ArrayOps, CudaOps, GraphDecoder  # noqa: E402
+from npllama.layers import loss as xent, mlp, rmsnorm, rope  # noqa: E402
+from conftest import rel_err  # noqa: E402
+from test_gpu_paths import DECODE_CONFIGS  # noqa: E402
+
+TOL = {"float64": 1e-10, "float32": 1e-5}
+DTYPES = list(TOL)
+
+
+def models(name: str, dtype: str, **kw):
+    """The same random weights as a NumPy model and a CuPy model."""
+    cfg = npllama.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=97,
+                              max_position_embeddings=32, **DECODE_CONFIGS[name])
+    ref = npllama.Llama.init(cfg, seed=5, dtype=dtype, std=0.15)
+    gpu = npllama.Llama(cfg, ref.params, backend="cupy", dtype=dtype, **kw)
+    return ref, gpu
+
+
+def batch(B=3, T=24, V=97, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, (B, T))
+    ids[1, :6] = ids[0, :6]                  # repeated ids: the embedding gradient must sum them
+    targets = rng.integers(0, V, (B, T))
+    targets[0, :3] = -100
+    return ids, targets
+
+
+def err(a, b) -> float:
+    return rel_err(to_host(a), to_host(b))
+
+
+# ---------------------------------------------------------------- whole model, NumPy vs CuPy
+def test_weights_live_on_the_gpu_and_outputs_stay_there(tmp_path):
+    ref, gpu = models("gqa-default", "float32")
+    assert gpu.backend == "cupy" and gpu.fused is True and gpu.tf32 is False
+    assert all(isinstance(p, cupy.ndarray) for p in gpu.params.values())
+    ref.save_pretrained(str(tmp_path / "m"))
+    loaded = npllama.Llama.from_pretrained(str(tmp_path / "m"), backend="cupy")
+    assert all(isinstance(p, cupy.ndarray) for p in loaded.params.values())
+    out = loaded.forward([[1, 2, 3]])
+    assert isinstance(out, cupy.ndarray) and out.dtype == np.float32
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", DECODE_CONFIGS)
+def test_logits_and_every_gradient_match_numpy(name, dtype, fused):
+    ref, gpu = models(name, dtype, fused=fused)
+    ids, targets = batch()
+    assert err(gpu.forward(ids), ref.forward(ids)) <= TOL[dtype]
+    loss_r, g_r = ref.loss_and_grads(ids, targets)
+    loss_g, g_g = gpu.loss_and_grads(ids, targets)
+    assert abs(loss_g - loss_r) <= TOL[dtype] * abs(loss_r)
+    assert list(g_g) == list(g_r)
+    for k in g_r:
+        assert isinstance(g_g[k], cupy.ndarray) and g_g[k].dtype == g_r[k].dtype, k
+        assert err(g_g[k], g_r[k]) <= TOL[dtype], k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_cache_decoding_matches_numpy(dtype):
+    ref, gpu = models("gqa-llama3", dtype)
+    ids, _ = batch(2, 8)
+    cr, cg = ref.new_cache(2, 16), gpu.new_cache(2, 16)
+    assert err(gpu.forward(ids, cache=cg), ref.forward(ids, cache=cr)) <= TOL[dtype]
+    for t in range(8):
+        tok = ids[:, t:t + 1]
+        assert err(gpu.forward(tok, cache=cg, start_pos=8 + t), ref.forward(tok, cache=cr, start_pos=8 + t)) <= TOL[dtype]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("npllama.train.optim") is None, reason="npllama.train.optim not on this branch")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_twenty_adamw_steps_match_numpy(dtype):
+    from npllama.train.optim import AdamW
+    ref, gpu = models("mqa-bias-tied-linear", dtype)
+    opt_r = AdamW(ref.params, lr=1e-3, weight_decay=0.01)
+    opt_g = AdamW(gpu.params, lr=1e-3, weight_decay=0.01)
+    for step in range(20):
+        ids, targets = batch(seed=step)
+        loss_r, g_r = ref.loss_and_grads(ids, targets)
+        loss_g, g_g = gpu.loss_and_grads(ids, targets)
+        assert abs(loss_g - loss_r) <= TOL[dtype] * abs(loss_r), step
+        opt_r.step(g_r)
+        opt_g.step(g_g)
+    for k in ref.params:
+        assert isinstance(gpu.params[k], cupy.ndarray)
+        assert err(gpu.params[k], ref.params[k]) <= TOL[dtype], k
+
+
+# ---------------------------------------------------------------- fused kernels vs the plain code
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_rmsnorm(dtype):
+    rng = np.random.default_rng(1)
+    x = cupy.asarray(rng.standard_normal((3, 5, 40)), dtype=dtype)
+    w = cupy.asarray(1 + 0.1 * rng.standard_normal(40), dtype=dtype)
+    dy = cupy.asarray(rng.standard_normal((3, 5, 40)), dtype=dtype)
+    y0, c0 = rmsnorm.forward(x, w, 1e-5)
+    y1, c1 = rmsnorm.forward(x, w, 1e-5, fused=True)
+    assert y1.dtype == x.dtype and y1.shape == y0.shape and err(y1, y0) <= TOL[dtype]
+    for a, b in zip(c1[:2], c0[:2]):
+        assert a.shape == b.shape and err(a, b) <= TOL[dtype]     # same cache: plain and fused mix freely
+    for cache in (c0, c1):
+        dx0, dw0 = rmsnorm.backward(dy, cache)
+        dx1, dw1 = rmsnorm.backward(dy, cache, fused=True)
+        assert err(dx1, dx0) <= TOL[dtype] and err(dw1, dw0) <= TOL[dtype] and dw1.shape == (40,)
+
+
+@pytest.mark.parametrize("per_row_tables", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_rope(dtype, per_row_tables):
+    rng = np.random.default_rng(2)
+    B, T, H, hd = 2, 6, 3, 8
+    cfg = npllama.LlamaConfig(hidden_size=24, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
+                              vocab_size=5)
+    positions = rng.integers(0, 50, (B, T)) if per_row_tables else np.arange(3, 3 + T)
+    cos, sin = rope.tables(cfg, positions, dtype, cupy)
+    x = cupy.asarray(rng.standard_normal((B, T, H, hd)), dtype=dtype)
+    assert err(rope.apply(x, cos, sin, fused=True), rope.apply(x, cos, sin)) <= TOL[dtype]
+    xt = cupy.asarray(rng.standard_normal((B, H, T, hd)), dtype=dtype).transpose(0, 2, 1, 3)   # a strided view
+    assert err(rope.apply_backward(xt, cos, sin, fused=True), rope.apply_backward(xt, cos, sin)) <= TOL[dtype]
+    # the backward is the inverse rotation
+    assert err(rope.apply_backward(rope.apply(x, cos, sin, fused=True), cos, sin, fused=True), x) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_swiglu_mlp(dtype):
+    rng = np.random.default_rng(3)
+    p = {k: cupy.asarray(0.2 * rng.standard_normal(s), dtype=dtype)
+         for k, s in (("gate_proj.weight", (24, 16)), ("up_proj.weight", (24, 16)), ("down_proj.weight", (16, 24)),
+                      ("gate_proj.bias", (24,)))}
+    x = cupy.asarray(rng.standard_normal((2, 5, 16)), dtype=dtype)
+    dy = cupy.asarray(rng.standard_normal((2, 5, 16)), dtype=dtype)
+    y0, c0 = mlp.forward(x, p)
+    y1, c1 = mlp.forward(x, p, fused=True)
+    assert err(y1, y0) <= TOL[dtype]
+    dx0, g0 = mlp.backward(dy, c0)
+    dx1, g1 = mlp.backward(dy, c1, fused=True)
+    assert err(dx1, dx0) <= TOL[dtype]
+    for k in g0:
+        assert err(g1[k], g0[k]) <= TOL[dtype], k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_cross_entropy(dtype):
+    rng = np.random.default_rng(4)
+    logits = cupy.asarray(3 * rng.standard_normal((30, 50)), dtype=dtype)
+    targets = cupy.asarray(rng.integers(0, 50, 30))
+    targets[[0, 7]] = -100
+    l0, c0 = xent.forward(logits, targets)
+    l1, c1 = xent.forward(logits, targets, fused=True)
+    assert abs(l1 - l0) <= TOL[dtype] * abs(l0)
+    assert err(c1[1], c0[1]) <= TOL[dtype]                           # log-sum-exp per row
+    d0 = xent.backward(0.5, c0)
+    d1 = xent.backward(0.5, c1, fused=True)
+    assert err(d1, d0) <= TOL[dtype]
+    assert float(abs(d1[0]).max()) == 0.0 and float(abs(d1[7]).max()) == 0.0      # ignored rows
+    assert cuda.logsumexp_shifted(c1[0][:1]).shape == (1,)
+
+
+# ---------------------------------------------------------------- decode kernels vs the plain operations
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_kernels_match_array_ops(dtype):
+    rng = np.random.default_rng(5)
+    A, K = ArrayOps(), CudaOps(dtype)
+    rand = lambda *s: cupy.asarray(rng.standard_normal(s), dtype=dtype)   # noqa: E731
+    B, H, KV, L, hd = 2, 6, 2, 40, 16
+    W, b, x = rand(70, 45), rand(70), rand(B, 45)                       # 45: not a multiple of the warp
+    assert err(K.linear(x, W, b), A.linear(x, W, b)) <= TOL[dtype]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.linear(x, W.T.copy().T)
+    E, tok = rand(30, 12), cupy.asarray([4, 29], dtype=cupy.int32)
+    assert err(K.embed(E, tok), A.embed(E, tok)) <= 0.0
+    cos, sin = rand(L, hd // 2), rand(L, hd // 2)
+    kb_a, vb_a = rand(3, KV, L, hd), rand(3, KV, L, hd)
+    kb_k, vb_k = kb_a.copy(), vb_a.copy()
+    for p in (0, 1, 17, L - 1):
+        pos = cupy.asarray([p], dtype=cupy.int32)
+        q = rand(B, H * hd)
+        assert err(K.rope(q.copy(), cos, sin, pos, H), A.rope(q, cos, sin, pos, H)) <= TOL[dtype]
+        k, v = rand(B, KV * hd), rand(B, KV * hd)
+        A.kv_write(kb_a, k, pos), A.kv_write(vb_a, v, pos)
+        K.kv_write(kb_k, k, pos), K.kv_write(vb_k, v, pos)
+        assert err(kb_k, kb_a) <= 0.0 and err(vb_k, vb_a) <= 0.0
+        assert err(K.attend(q, kb_k, vb_k, pos, H), A.attend(q, kb_a, vb_a, pos, H)) <= TOL[dtype]
+    g, u = rand(B, 33), rand(B, 33)
+    assert err(K.swiglu(g, u), A.swiglu(g, u)) <= TOL[dtype]
+
+
+def _greedy(target, prompt, steps):
+    B, L = prompt.shape
+    cache = target.new_cache(B, L + steps)
+    logits = target.forward(prompt, cache=cache, last_only=True)
+    toks, outs = [], []
+    for t in range(steps):
+        nxt = to_host(logits)[:, -1].argmax(axis=-1)[:, None]
+        toks.append(nxt[:, 0].tolist())
+        logits = target.forward(nxt, cache=cache, start_pos=L + t, last_only=True)
+        outs.append(to_host(logits))
+    return toks, outs
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", DECODE_CONFIGS)
+def test_kernel_and_graph_decoding_give_the_plain_tokens(name, dtype, graph):
+    _, gpu = models(name, dtype)
+    prompt = np.random.default_rng(6).integers(0, 97, (2, 7))
+    dec = GraphDecoder(gpu, graph=graph, kernels=True)
+    toks, outs = _greedy(dec, prompt, 30)                 # runs past max_position_embeddings = 32
+    ref_toks, ref_outs = _greedy(gpu, prompt, 30)
+    assert toks == ref_toks
+    for a, b in zip(outs, ref_outs):
+        assert err(a, b) <= TOL[dtype]
+    assert dec.captures == (1 if graph else 0)           # captured once, replayed 29 more times
+
+
+def test_graph_sees_in_place_updates_and_recaptures_for_new_arrays():
+    _, gpu = models("gqa-default", "float64")
+    dec = GraphDecoder(gpu)
+    prompt = np.array([[3, 1, 4, 1, 5]])
+    _greedy(dec, prompt, 3)
+    w = gpu.params["model.norm.weight"]
+    w *= 1.5                                             # in place: the captured graph reads it
+    a = _greedy(dec, prompt, 3)[1]
+    b = _greedy(gpu, prompt, 3)[1]
+    assert dec.captures == 1 and max(err(x, y) for x, y in zip(a, b)) <= 1e-10
+    gpu.params["model.norm.weight"] = w * 0.5            # a new array: the next step must capture again
+    a = _greedy(dec, prompt, 3)[1]
+    b = _greedy(gpu, prompt, 3)[1]
+    assert dec.captures == 2 and max(err(x, y) for x, y in zip(a, b)) <= 1e-10
+
+
+@pytest.mark.skipif(importlib.util.find_spec("npllama.generate") is None, reason="npllama.generate not on this branch")
+def test_generate_with_cuda_graph_gives_the_same_tokens():
+    _, gpu = models("mqa-bias-tied-linear", "float32")
+    prompt = [5, 9, 2, 7]
+    plain = gpu.generate(prompt, max_new_tokens=20, eos_ids=[])
+    assert gpu.generate(prompt, max_new_tokens=20, eos_ids=[], cuda_graph=True) == plain
+    assert gpu.generate(prompt, max_new_tokens=20, eos_ids=[], cuda_graph=True) == plain   # reused decoder
+
+
+# ---------------------------------------------------------------- TF32
+def test_tf32_is_off_by_default_and_scoped():
+    import os
+    if os.environ.get("CUPY_TF32", "0") not in ("", "0"):
+        pytest.skip("CUPY_TF32 is set in this environment: CuPy's own default is TF32 on")
+    assert tf32_enabled(cupy) is False
+    ref, gpu = models("gqa-default", "float32")
+    assert gpu.tf32 is False
+    gpu.forward([[1, 2]])
+    assert tf32_enabled(cupy) is False
+    if int(cupy.cuda.Device().compute_capability) < 80:
+        pytest.skip("TF32 needs compute capability >= 8.0")
+    rng = np.random.default_rng(7)
+    a = cupy.asarray(rng.standard_normal((256, 512)), dtype=cupy.float32)
+    b = cupy.asarray(rng.standard_normal((512, 256)), dtype=cupy.float32)
+    a3, b3 = a.reshape(2, 128, 512), b.reshape(2, 512, 128)
+    exact, exact3 = to_host(a).astype(np.float64) @ to_host(b), to_host(a3).astype(np.float64) @ to_host(b3)
+    assert err(a @ b, exact) < 1e-5 and err(a3 @ b3, exact3) < 1e-5           # full float32
+    with tf32(cupy, True):
+        assert tf32_enabled(cupy) is True
+        assert err(a @ b, exact) > 1e-5 and err(a3 @ b3, exact3) > 1e-5       # both GEMM paths use TF32
+    assert tf32_enabled(cupy) is False and err(a @ b, exact) < 1e-5            # restored
+    fast = npllama.Llama(gpu.config, ref.params, backend="cupy", tf32=True)
+    ids = batch()[0]
+    assert err(fast.forward(ids), ref.forward(ids)) > 1e-6                      # really ran in TF32
+    assert tf32_enabled(cupy) is False
