@@ -104,19 +104,19 @@ __global__ void gemv(const T* __restrict__ W, const T* __restrict__ x, T* __rest
     const int r = blockIdx.x * blockDim.y + threadIdx.y;
     const int b = blockIdx.y;
     if (r >= n_out) return;                 // r is the same for the whole warp, so the warp leaves together
-    const T* w = W + (size_t)r * n_in;
-    const T* xb = x + (size_t)b * n_in;
+    const T* w = W + (long long)r * n_in;
+    const T* xb = x + (long long)b * n_in;
     T acc = 0;
     for (int j = threadIdx.x; j < n_in; j += 32) acc += w[j] * xb[j];
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
-    if (threadIdx.x == 0) y[(size_t)b * n_out + r] = acc;
+    if (threadIdx.x == 0) y[(long long)b * n_out + r] = acc;
 }
 
 // x[b, :] = W[tok[b], :]; one thread per output element
 __global__ void embed(const T* __restrict__ W, const int* __restrict__ tok, T* __restrict__ x, int B, int D) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)B * D) return;
-    x[i] = W[(size_t)tok[i / D] * D + i % D];
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * D) return;
+    x[i] = W[(long long)tok[i / D] * D + i % D];
 }
 
 // rotate each head of x (B, nh * hd) in place by table row pos[0] (cos, sin: (max_len, hd / 2));
@@ -124,12 +124,12 @@ __global__ void embed(const T* __restrict__ W, const int* __restrict__ tok, T* _
 __global__ void rope_at(T* __restrict__ x, const T* __restrict__ cos_t, const T* __restrict__ sin_t,
                         const int* __restrict__ pos, int B, int nh, int hd) {
     const int half = hd / 2;
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)B * nh * half) return;
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * nh * half) return;
     const int j = i % half;
     T* v = x + (i / half) * hd;             // this (row, head)'s vector
-    const T c = cos_t[(size_t)pos[0] * half + j];
-    const T s = sin_t[(size_t)pos[0] * half + j];
+    const T c = cos_t[(long long)pos[0] * half + j];
+    const T s = sin_t[(long long)pos[0] * half + j];
     const T x1 = v[j], x2 = v[j + half];
     v[j] = x1 * c - x2 * s;
     v[j + half] = x2 * c + x1 * s;
@@ -138,9 +138,9 @@ __global__ void rope_at(T* __restrict__ x, const T* __restrict__ cos_t, const T*
 // buf (B_cache, KV, L, hd): buf[b, kh, pos[0], d] = x[b, kh * hd + d] for b < B
 __global__ void kv_write(T* __restrict__ buf, const T* __restrict__ x, const int* __restrict__ pos,
                          int B, int KV, int L, int hd) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)B * KV * hd) return;
-    const size_t bk = i / hd;               // b * KV + kh
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * KV * hd) return;
+    const long long bk = i / hd;               // b * KV + kh
     buf[(bk * L + pos[0]) * hd + i % hd] = x[i];
 }
 
@@ -169,15 +169,15 @@ __global__ void attend(const T* __restrict__ q, const T* __restrict__ kbuf, cons
     __shared__ T red[NT];
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     const int n = pos[0] + 1;
-    const size_t kvoff = ((size_t)b * KV + h / (H / KV)) * L * hd;
-    const T* qv = q + ((size_t)b * H + h) * hd;
+    const long long kvoff = ((long long)b * KV + h / (H / KV)) * L * hd;
+    const T* qv = q + ((long long)b * H + h) * hd;
     const T* K = kbuf + kvoff;
     const T* V = vbuf + kvoff;
-    T* s = scores + ((size_t)b * H + h) * L;
+    T* s = scores + ((long long)b * H + h) * L;
     T m = (T)-3.0e38;                       // below any real score; every block has at least key 0
     for (int j = tid; j < n; j += NT) {
         T acc = 0;
-        for (int d = 0; d < hd; ++d) acc += qv[d] * K[(size_t)j * hd + d];
+        for (int d = 0; d < hd; ++d) acc += qv[d] * K[(long long)j * hd + d];
         acc *= scale;
         s[j] = acc;
         m = acc > m ? acc : m;
@@ -192,8 +192,8 @@ __global__ void attend(const T* __restrict__ q, const T* __restrict__ kbuf, cons
     sum = block_reduce(sum, red, false);    // its __syncthreads also publishes every s[j] to the block
     for (int d = tid; d < hd; d += NT) {
         T acc = 0;
-        for (int j = 0; j < n; ++j) acc += s[j] * V[(size_t)j * hd + d];
-        out[((size_t)b * H + h) * hd + d] = acc / sum;
+        for (int j = 0; j < n; ++j) acc += s[j] * V[(long long)j * hd + d];
+        out[((long long)b * H + h) * hd + d] = acc / sum;
     }
 }
 
