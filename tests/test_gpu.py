@@ -189,6 +189,37 @@ def test_fused_cross_entropy(dtype):
     assert cuda.logsumexp_shifted(c1[0][:1]).shape == (1,)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_attention_softmax(dtype):
+    from npllama.layers import attention
+    rng = np.random.default_rng(8)
+    B, T, D, H, KV, hd = 3, 6, 24, 6, 2, 4
+    p = {f"{n}.weight": cupy.asarray(0.3 * rng.standard_normal(s), dtype=dtype)
+         for n, s in (("q_proj", (H * hd, D)), ("k_proj", (KV * hd, D)), ("v_proj", (KV * hd, D)), ("o_proj", (D, H * hd)))}
+    cfg = npllama.LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
+                              num_key_value_heads=KV, head_dim=hd, vocab_size=5)
+    x = cupy.asarray(rng.standard_normal((B, T, D)), dtype=dtype)
+    dy = cupy.asarray(rng.standard_normal((B, T, D)), dtype=dtype)
+    cos, sin = rope.tables(cfg, np.arange(T), dtype, cupy)
+    y0, c0 = attention.forward(x, p, cos, sin, H, KV, hd)
+    y1, c1 = attention.forward(x, p, cos, sin, H, KV, hd, fused=True)
+    assert err(y1, y0) <= TOL[dtype] and err(c1[9], c0[9]) <= TOL[dtype]          # outputs and P
+    dx0, g0 = attention.backward(dy, c0)
+    dx1, g1 = attention.backward(dy, c1, fused=True)
+    assert err(dx1, dx0) <= TOL[dtype]
+    assert_all_close(g1, g0, TOL[dtype])
+    # with a KV cache past position 0 and left padding: row 0's first query sees only padding (uniform P)
+    start = 3
+    cos, sin = rope.tables(cfg, np.arange(start, start + T), dtype, cupy)
+    key_mask = np.ones((B, start + T), dtype=bool)
+    key_mask[0, :start + 1] = False
+    key_mask[2, :2] = False
+    kv = cupy.asarray(rng.standard_normal((2, B, KV, 16, hd)), dtype=dtype)      # earlier keys and values
+    outs = [attention.forward(x, p, cos, sin, H, KV, hd, kv=(kv[0].copy(), kv[1].copy()), start_pos=start,
+                              key_mask=cupy.asarray(key_mask), fused=fused) for fused in (False, True)]
+    assert err(outs[1][0], outs[0][0]) <= TOL[dtype] and err(outs[1][1][9], outs[0][1][9]) <= TOL[dtype]
+
+
 # ---------------------------------------------------------------- decode kernels vs the plain operations
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_kernels_match_array_ops(dtype):

@@ -14,6 +14,29 @@ import functools
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+
+# Block-wide max or sum of one value per thread (NT threads, a power of two); every thread gets the
+# result. Shared by the RawModule sources here and in decode.py.
+BLOCK_REDUCE = r"""
+__device__ T block_reduce(T v, T* red, bool take_max) {
+    red[threadIdx.x] = v;
+    __syncthreads();
+    for (int st = NT / 2; st > 0; st >>= 1) {
+        if (threadIdx.x < st) {
+            const T a = red[threadIdx.x], o = red[threadIdx.x + st];
+            red[threadIdx.x] = take_max ? (o > a ? o : a) : a + o;
+        }
+        __syncthreads();
+    }
+    const T r = red[0];
+    __syncthreads();                        // red is reused by the next call
+    return r;
+}
+"""
+
+CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
 
 @functools.lru_cache(maxsize=None)
 def _kernels() -> SimpleNamespace:
@@ -57,6 +80,94 @@ def _kernels() -> SimpleNamespace:
         xent_bwd=EK("T lse, I tgt, T scale, int64 V", "T d",
                     "d = (exp(d - lse) - ((i % V) == tgt ? (T)1 : (T)0)) * scale", "npllama_xent_bwd"),
     )
+
+
+# ---------------------------------------------------------------- attention softmax
+_SOFTMAX_THREADS = 256
+_SOFTMAX_SOURCE = r"""
+#define NT 256
+extern "C" {
+""" + BLOCK_REDUCE + r"""
+// One block per row of scores (B, KV, G*T, S), in place: P = softmax of scores * scale over the keys the
+// row's query may see (key j <= start_pos + t, and km[b, j] when has_mask), 0 for the others. A row
+// that may see no key gets 1/S everywhere, as the plain code's large finite mask value gives.
+__global__ void causal_softmax(T* __restrict__ s, const bool* __restrict__ km, int has_mask,
+                               long long rows_per_batch, int T_, int S, int start_pos, T scale) {
+    __shared__ T red[NT];
+    const long long r = blockIdx.x;
+    const int last = start_pos + (int)(r % T_);          // rows run over (g, t): t = r mod T
+    const bool* kmb = has_mask ? km + (r / rows_per_batch) * S : km;
+    T* row = s + r * S;
+    const T lowest = (T)-3.0e38;                         // below any real score
+    T m = lowest;
+    for (int j = threadIdx.x; j < S; j += NT) {
+        if (j <= last && (!has_mask || kmb[j])) {
+            const T v = row[j] * scale;
+            row[j] = v;
+            m = v > m ? v : m;
+        }
+    }
+    m = block_reduce(m, red, true);
+    const bool none = m == lowest;
+    T sum = 0;
+    for (int j = threadIdx.x; j < S; j += NT) {
+        const T e = none ? (T)1 : ((j <= last && (!has_mask || kmb[j])) ? exp(row[j] - m) : (T)0);
+        row[j] = e;
+        sum += e;
+    }
+    sum = block_reduce(sum, red, false);
+    for (int j = threadIdx.x; j < S; j += NT) row[j] = row[j] / sum;
+}
+
+// One block per row, in place on dp: dS = P * (dP - sum_j dP_j P_j) * scale.
+__global__ void softmax_backward(T* __restrict__ dp, const T* __restrict__ p, int S, T scale) {
+    __shared__ T red[NT];
+    const long long r = blockIdx.x;
+    T* d = dp + r * S;
+    const T* q = p + r * S;
+    T acc = 0;
+    for (int j = threadIdx.x; j < S; j += NT) acc += d[j] * q[j];
+    acc = block_reduce(acc, red, false);
+    for (int j = threadIdx.x; j < S; j += NT) d[j] = q[j] * (d[j] - acc) * scale;
+}
+}  // extern "C"
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _softmax_module(ctype: str) -> Any:
+    import cupy
+    return cupy.RawModule(code=f"typedef {ctype} T;\n" + _SOFTMAX_SOURCE)
+
+
+def _check_rows(*arrays: Any) -> None:
+    for a in arrays:
+        if not a.flags.c_contiguous or a.dtype not in CTYPES:
+            raise ValueError(f"attention softmax kernels need C-contiguous float32/float64 rows, got {a.dtype} "
+                             f"{'contiguous' if a.flags.c_contiguous else 'strided'}")
+
+
+def causal_softmax_(scores: Any, scale: float, start_pos: int, T: int, key_mask: Any = None) -> Any:
+    """In place on scores (B, KV, G*T, S) = q k^T (unscaled): the attention weights P that
+    layers.attention computes with its mask, max shift, exp and normalization. Returns scores."""
+    import cupy
+    _check_rows(scores)
+    B, KV, GT, S = scores.shape
+    km = cupy.zeros(1, dtype=bool) if key_mask is None else cupy.ascontiguousarray(key_mask, dtype=bool)
+    fn = _softmax_module(CTYPES[scores.dtype]).get_function("causal_softmax")
+    fn((B * KV * GT,), (_SOFTMAX_THREADS,),
+       (scores, km, np.int32(key_mask is not None), np.int64(KV * GT), np.int32(T), np.int32(S),
+        np.int32(start_pos), scores.dtype.type(scale)))
+    return scores
+
+
+def softmax_backward_(dP: Any, P: Any, scale: float) -> Any:
+    """In place on dP (rows of S): dS = P * (dP - sum(dP * P)) * scale, as layers.attention.backward. Returns dP."""
+    _check_rows(dP, P)
+    S = dP.shape[-1]
+    fn = _softmax_module(CTYPES[dP.dtype]).get_function("softmax_backward")
+    fn((dP.size // S,), (_SOFTMAX_THREADS,), (dP, P, np.int32(S), dP.dtype.type(scale)))
+    return dP
 
 
 # ---------------------------------------------------------------- RMSNorm

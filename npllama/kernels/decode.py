@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from npllama.backend import is_cupy, to_host
+from npllama.kernels.cuda import BLOCK_REDUCE
 from npllama.kvcache import KVCache
 from npllama.layers import rmsnorm, rope
 
@@ -144,22 +145,7 @@ __global__ void kv_write(T* __restrict__ buf, const T* __restrict__ x, const int
     buf[(bk * L + pos[0]) * hd + i % hd] = x[i];
 }
 
-// block-wide max (take_max) or sum of one value per thread; every thread gets the result
-__device__ T block_reduce(T v, T* red, bool take_max) {
-    red[threadIdx.x] = v;
-    __syncthreads();
-    for (int st = NT / 2; st > 0; st >>= 1) {
-        if (threadIdx.x < st) {
-            const T a = red[threadIdx.x], o = red[threadIdx.x + st];
-            red[threadIdx.x] = take_max ? (o > a ? o : a) : a + o;
-        }
-        __syncthreads();
-    }
-    const T r = red[0];
-    __syncthreads();                        // red is reused by the next call
-    return r;
-}
-
+""" + BLOCK_REDUCE + r"""
 // One query per (b, head) against keys 0..pos[0] of the cache: out = softmax(q k^T * scale) v.
 // Head h reads KV head h / (H / KV) (grouped-query). scores: scratch (B, H, L).
 // blockDim NT, grid (H, B).

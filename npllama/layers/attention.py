@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from npllama.backend import get_array_module
+from npllama.backend import fused_kernels, get_array_module
 from npllama.layers import linear, rope
 
 
@@ -22,7 +22,7 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
     kv: preallocated (k, v) buffers (B', n_kv, S_max, hd); this call writes positions
         [start_pos, start_pos + T) and attends to [0, start_pos + T).
     key_mask: optional bool (B, start_pos + T), False for padding slots that no query may see.
-    fused: use the fused CUDA rotary kernel on CuPy input (same result).
+    fused: use the fused CUDA rotary and softmax kernels on CuPy input (same result).
     """
     xp = get_array_module(x)
     B, T, _ = x.shape
@@ -41,18 +41,21 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
         k, v = kbuf[:B, :, :S], vbuf[:B, :, :S]                              # (B, KV, S, hd)
     qg = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
 
-    scores = (qg @ k.transpose(0, 1, 3, 2)) * (hd ** -0.5)                  # (B, KV, G*T, S)
-    scores = scores.reshape(B, KV, G, T, S)
-    # query t sits at position start_pos + t and may see keys 0 .. start_pos + t
-    mask = xp.arange(S)[None, :] <= (start_pos + xp.arange(T))[:, None]      # (T, S)
-    if key_mask is not None:
-        mask = mask & key_mask[:, None, None, None, :].astype(bool)        # (B, 1, 1, T, S)
-    # a large finite negative, not -inf: a fully masked (padding) row then stays finite
-    scores = xp.where(mask, scores, xp.finfo(scores.dtype).min)
-    scores -= scores.max(axis=-1, keepdims=True)
-    P = xp.exp(scores, out=scores)
-    P /= P.sum(axis=-1, keepdims=True)
-    P = P.reshape(B, KV, G * T, S)
+    if kf := fused_kernels(x, fused):                                        # the same P in one pass
+        P = kf.causal_softmax_(qg @ k.transpose(0, 1, 3, 2), hd ** -0.5, start_pos, T, key_mask)
+    else:
+        scores = (qg @ k.transpose(0, 1, 3, 2)) * (hd ** -0.5)              # (B, KV, G*T, S)
+        scores = scores.reshape(B, KV, G, T, S)
+        # query t sits at position start_pos + t and may see keys 0 .. start_pos + t
+        mask = xp.arange(S)[None, :] <= (start_pos + xp.arange(T))[:, None]  # (T, S)
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, None, :].astype(bool)    # (B, 1, 1, T, S)
+        # a large finite negative, not -inf: a fully masked (padding) row then stays finite
+        scores = xp.where(mask, scores, xp.finfo(scores.dtype).min)
+        scores -= scores.max(axis=-1, keepdims=True)
+        P = xp.exp(scores, out=scores)
+        P /= P.sum(axis=-1, keepdims=True)
+        P = P.reshape(B, KV, G * T, S)
     out = (P @ v).reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
     y, co = linear.forward(out, p["o_proj.weight"], p.get("o_proj.bias"))
     return y, (cq, ck, cv, co, cos, sin, qg, k, v, P, (B, T, H, KV, hd))
@@ -71,8 +74,11 @@ def backward(dy: Any, cache: tuple, fused: bool = False) -> tuple[Any, dict[str,
     dv = P.transpose(0, 1, 3, 2) @ dout                                       # (B, KV, S, hd): sums the group
     dP = dout @ v.transpose(0, 1, 3, 2)                                       # (B, KV, G*T, S)
     # softmax backward: dS = P * (dP - sum_j P dP); masked entries have P = 0 and stay 0
-    dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
-    dS *= hd ** -0.5
+    if kf := fused_kernels(dy, fused):
+        dS = kf.softmax_backward_(dP, P, hd ** -0.5)
+    else:
+        dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
+        dS *= hd ** -0.5
     dqg = dS @ k                                                              # (B, KV, G*T, hd)
     dk = dS.transpose(0, 1, 3, 2) @ qg                                        # (B, KV, S, hd)
 
