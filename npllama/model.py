@@ -56,7 +56,7 @@ def _tf32_scope(method: Any) -> Any:
 class Llama:
     """A Llama causal LM on NumPy or CuPy; `params` are keyed and shaped as in transformers.
 
-    fused: use the fused CUDA kernels (RMSNorm, RoPE, SwiGLU, cross-entropy) on CuPy; default True there.
+    fused: use the fused CUDA kernels (RMSNorm, RoPE, SwiGLU, attention softmax) on CuPy; default True there.
     False forces the plain array code, which is always what runs on NumPy.
     tf32: let CuPy's float32 matmuls use TF32 tensor cores (faster, ~1e-3 relative error); off by default.
     """
@@ -289,9 +289,9 @@ class Llama:
         targets = self._check_targets(ids, targets)
         logits, caches = self._forward(ids, None, 0, None, None, keep=True)
         B, T, V = logits.shape
-        loss, cache = xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index, self.fused)
+        loss, cache = xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)
         del logits                                             # the loss keeps its own shifted copy
-        dlogits = xent.backward(1.0, cache, self.fused).reshape(B, T, V)
+        dlogits = xent.backward(1.0, cache).reshape(B, T, V)
         return loss, self.backward(dlogits, caches)
 
     def loss(self, ids: Any, targets: Any, ignore_index: int = -100) -> float:
@@ -299,7 +299,7 @@ class Llama:
         targets = self._check_targets(ids, targets)
         logits = self.forward(ids)
         B, T, V = logits.shape
-        return xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index, self.fused)[0]
+        return xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)[0]
 
     def _check_targets(self, ids: Any, targets: Any) -> Any:
         targets = self.xp.asarray(targets)

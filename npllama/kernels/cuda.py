@@ -74,11 +74,6 @@ def _kernels() -> SimpleNamespace:
                       "npllama_swiglu_fwd"),
         swiglu_bwd=EK("T dh, T g, T s, T u, T a", "T dg, T du",
                       "du = dh * a; dg = dh * u * (s * ((T)1 + g * ((T)1 - s)))", "npllama_swiglu_bwd"),
-        # cross-entropy: log(sum(exp(z))) per row without materializing exp(z) ...
-        logsumexp=RK("T z", "T y", "exp(z)", "a + b", "y = log(a)", "0", "npllama_logsumexp"),
-        # ... and, in place on the shifted logits z (N, V): d = (softmax - onehot(target)) * scale
-        xent_bwd=EK("T lse, I tgt, T scale, int64 V", "T d",
-                    "d = (exp(d - lse) - ((i % V) == tgt ? (T)1 : (T)0)) * scale", "npllama_xent_bwd"),
     )
 
 
@@ -220,15 +215,3 @@ def swiglu_forward(g: Any, u: Any) -> tuple[Any, Any, Any]:
 def swiglu_backward(dh: Any, g: Any, s: Any, u: Any, a: Any) -> tuple[Any, Any]:
     """-> dg = dh u silu'(g), du = dh a."""
     return _kernels().swiglu_bwd(dh, g, s, u, a)
-
-
-# ---------------------------------------------------------------- softmax cross-entropy
-def logsumexp_shifted(z: Any) -> Any:
-    """log(sum(exp(z), axis=-1)) for z (N, V) -> (N,)."""
-    return _kernels().logsumexp(z, axis=-1)
-
-
-def xent_backward_(z: Any, lse: Any, tgt: Any, scale: Any) -> Any:
-    """Overwrite z (N, V) with (exp(z - lse) - onehot(tgt)) * scale, per row; returns z."""
-    _kernels().xent_bwd(lse[:, None], tgt[:, None], scale[:, None], z.shape[-1], z)
-    return z
