@@ -133,10 +133,10 @@ class ByteLevelBPE:
                  whole_chunk_lookup: bool = False, encoder: dict[bytes, int] | None = None):
         self.token_bytes = token_bytes
         self.encoder = encoder if encoder is not None else _first_ids(token_bytes)
-        missing = [b for b in range(256) if bytes([b]) not in self.encoder]
-        if missing:
-            raise ValueError(f"vocabulary lacks byte tokens for {len(missing)} byte values (first: {missing[0]:#04x})")
-        self.byte_ids = [self.encoder[bytes([b])] for b in range(256)]
+        # Some vocabularies (SmolLM2) lack a few byte tokens; like HF tokenizers without an unk
+        # token, those bytes are dropped.
+        self.byte_ids = [self.encoder.get(bytes([b])) for b in range(256)]
+        self.missing_bytes = frozenset(b for b in range(256) if self.byte_ids[b] is None)
         self.pairs = pairs
         self.split = split
         self.whole_chunk_lookup = whole_chunk_lookup  # tiktoken / llama-bpe: a chunk that is a token is emitted as is
@@ -167,6 +167,8 @@ class ByteLevelBPE:
             if i is not None:
                 return [i]
         byte_ids = self.byte_ids
+        if self.missing_bytes:
+            return merge([byte_ids[b] for b in raw if byte_ids[b] is not None], self.pairs)
         return merge([byte_ids[b] for b in raw], self.pairs)
 
 

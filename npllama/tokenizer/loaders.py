@@ -101,10 +101,7 @@ def _gguf_byte_level(path, meta, tokens, types, common) -> Tokenizer:
     if not merges:
         raise TokenizerError(f"{path}: byte-level GGUF vocabulary has no tokenizer.ggml.merges")
     pairs = _pairs_from_merges(path, merges, {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (NORMAL, BYTE)})
-    try:
-        bpe = ByteLevelBPE(token_bytes, pairs, regex_splitter(pattern), whole, encoder)
-    except ValueError as e:
-        raise TokenizerError(f"{path}: {e}") from None
+    bpe = ByteLevelBPE(token_bytes, pairs, regex_splitter(pattern), whole, encoder)
     return Tokenizer(bpe, list(tokens), token_bytes, special, added,
                      add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), kind="bpe", **common)
 

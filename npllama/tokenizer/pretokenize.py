@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import re
+
 import regex
 
 # GPT-2 (and the ByteLevel pre-tokenizer of HF tokenizers with use_regex=true)
@@ -27,6 +29,16 @@ LLAMA3_PATTERN = (
 DIGITS_GPT2_PATTERN = (
     r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 )
+
+# The same three patterns for pure-ASCII text, where \p{L} is [A-Za-z], \p{N} is [0-9] and \s is
+# [ \t\n\r\f\v]: the standard `re` module runs them about twice as fast as `regex` runs the originals.
+_ASCII_TWINS = {
+    LLAMA3_PATTERN: r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{1,3}"""
+                    r"""| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    GPT2_PATTERN: r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""",
+    DIGITS_GPT2_PATTERN: r"""[0-9]|'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+(?=[0-9])|\s+(?!\S)|\s+""",
+}
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 # tokenizer.ggml.pre -> (pattern, whole-chunk lookup before merges)
 GGUF_PRE = {
@@ -47,7 +59,64 @@ Splitter = Callable[[str], list]
 
 def regex_splitter(pattern: str) -> Splitter:
     """A splitter that returns every match of `pattern` (the pattern must cover all text)."""
+    if pattern in _ASCII_TWINS:
+        return AsciiFastSplitter(pattern)
     return regex.compile(pattern).findall
+
+
+class AsciiFastSplitter:
+    """findall of a known pattern, with ASCII stretches of the text run by its faster ASCII twin.
+
+    Cutting the text is exact at a position b where text[b] is a space and text[b-1] is not
+    whitespace: in all three patterns no chunk holds a non-space followed by a space, and no
+    chunk that ends at b looks ahead. So each non-ASCII run is widened to such cut points on
+    both sides and matched with the full pattern; everything between is ASCII.
+    """
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        self.full = regex.compile(pattern).findall
+        self.fast = re.compile(_ASCII_TWINS[pattern], re.ASCII).findall
+
+    def __call__(self, text: str) -> list:
+        if text.isascii():
+            return self.fast(text)
+        out: list = []
+        pos, n = 0, len(text)
+        for m in _NON_ASCII.finditer(text):
+            if m.end() <= pos:
+                continue
+            a = _cut_before(text, pos, m.start())
+            b = _cut_after(text, m.end(), n)
+            if a > pos:
+                out += self.fast(text[pos:a])
+            out += self.full(text[a:b])
+            pos = b
+            if len(out) > 64 and 4 * (b - a) > n:  # mostly non-ASCII text: no gain, finish plainly
+                break
+        if pos < n:
+            out += self.fast(text[pos:]) if text[pos:].isascii() else self.full(text[pos:])
+        return out
+
+
+def _cut_before(text: str, lo: int, i: int) -> int:
+    """Largest cut point in [lo, i] (lo itself if none)."""
+    j = text.rfind(" ", lo, i + 1)
+    while j > lo:
+        if not text[j - 1].isspace():
+            return j
+        j = text.rfind(" ", lo, j)
+    return lo
+
+
+def _cut_after(text: str, i: int, n: int) -> int:
+    """Smallest cut point in [i, n] (n if none)."""
+    j = text.find(" ", i)
+    while j != -1:
+        if not text[j - 1].isspace():
+            return j
+        j = text.find(" ", j + 1)
+    return n
 
 
 def _split_keep(pattern: "regex.Pattern", behavior: str, invert: bool) -> Callable[[str], list]:
