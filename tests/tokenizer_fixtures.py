@@ -199,3 +199,23 @@ def text_strategy():
         st.text(min_size=1, max_size=4),                                                         # anything at all
     )
     return st.lists(pieces, max_size=12).map("".join)
+
+
+@functools.lru_cache(None)
+def hf_from_gguf(name: str, official: bool = True):
+    """transformers' tokenizer for a test vocabulary (llama-bpe / llama-spm), optionally patched to
+    the official tokenizer.json layout where transformers' GGUF conversion departs from it:
+    Llama 2 prepends '▁' after special tokens too (legacy Prepend + Replace normalizer), Llama 3
+    looks a whole chunk up before merging (ignore_merges)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = transformers.AutoTokenizer.from_pretrained(DATA, gguf_file=f"ggml-vocab-{name}.gguf")
+    if official:
+        b = tok.backend_tokenizer
+        if name == "llama-spm":
+            n = tokenizers.normalizers
+            b.normalizer = n.Sequence([n.Prepend("\u2581"), n.Replace(" ", "\u2581")])
+            b.pre_tokenizer = None
+        else:
+            b.model.ignore_merges = True
+    return tok
