@@ -111,19 +111,22 @@ def _pairs_from_merges(path: str, merges, token_ids: dict[str, int]) -> PairTabl
     pairs = PairTable()
     get = token_ids.get
     for rank, m in enumerate(merges):
-        if isinstance(m, str):
-            a, sep, b = m.partition(" ")
-            if not sep:
-                raise TokenizerError(f"{path}: merge #{rank} {m!r} is not two tokens separated by a space")
-        elif isinstance(m, (list, tuple)) and len(m) == 2:
-            a, b = m
-        else:
-            raise TokenizerError(f"{path}: merge #{rank} {m!r} is not a pair of tokens")
+        a, b = _merge_pair(path, rank, m)
         ia, ib, iab = get(a), get(b), get(a + b)
         if ia is None or ib is None or iab is None:
             continue  # a merge into a token the vocabulary lacks can never fire; tokenizers skips it too
         pairs.setdefault((ia, ib), (rank, iab))
     return pairs
+
+
+def _merge_pair(path: str, rank: int, m) -> tuple[str, str]:
+    if isinstance(m, str):
+        parts = m.split(" ")
+        if len(parts) == 2:
+            return parts[0], parts[1]
+    elif isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(x, str) for x in m):
+        return m[0], m[1]
+    raise TokenizerError(f"{path}: merge #{rank} {m!r} is not a pair of tokens")
 
 
 def _gguf_sentencepiece(path, meta, tokens, types, common) -> Tokenizer:
@@ -269,7 +272,7 @@ def _json_byte_level(path, m, tokens, vocab, merges, special, added, pre, norm, 
 def _json_sentencepiece(path, m, tokens, vocab, merges, special, added, pre, norm, common, add_bos) -> Tokenizer:
     # Llama 2 style: spaces -> ▁ and a prefix ▁, by normalizer (Prepend + Replace) or by Metaspace
     prefix = "never"
-    replaces = False
+    replaces = metaspace = False
     norms = (norm.get("normalizers") if norm and norm.get("type") == "Sequence" else [norm]) if norm else []
     for n in norms:
         if n["type"] == "Prepend" and n.get("prepend") == SPACE:
@@ -286,6 +289,7 @@ def _json_sentencepiece(path, m, tokens, vocab, merges, special, added, pre, nor
         replaces = True
         scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
         prefix = {"always": "always", "first": "first", "never": "never"}[scheme]
+        metaspace = True  # unlike Prepend, Metaspace adds no '▁' to text that already starts with one
     if not replaces:
         raise TokenizerError(f"{path}: a non-byte-level BPE needs spaces mapped to '▁' (Replace or Metaspace)")
     token_bytes, byte_ids = [], [None] * 256
@@ -301,12 +305,13 @@ def _json_sentencepiece(path, m, tokens, vocab, merges, special, added, pre, nor
             token_bytes.append(t.replace(SPACE, " ").encode("utf-8"))
     pairs = PairTable()
     for rank, mg in enumerate(merges):
-        a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
+        a, b = _merge_pair(path, rank, mg)
         if a + b in vocab:
             pairs.setdefault((a, b), (rank, a + b))
     piece_ids = {t: i for t, i in vocab.items() if t not in special}
     bpe = SentencePieceBPE(piece_ids, pairs, byte_ids if fallback and None not in byte_ids else None,
-                           common["unk_id"], prefix, fuse_unk=bool(m.get("fuse_unk", False)))
+                           common["unk_id"], prefix, fuse_unk=bool(m.get("fuse_unk", False)),
+                           prefix_unless_space=metaspace)
     return Tokenizer(bpe, tokens, token_bytes, special, added, add_bos=add_bos, kind="sentencepiece", **common)
 
 

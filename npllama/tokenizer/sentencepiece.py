@@ -32,13 +32,14 @@ class SentencePieceBPE:
     """Merges over characters; `pairs` is a ScorePairTable (GGUF / .model) or a merges PairTable (tokenizer.json)."""
 
     def __init__(self, piece_ids: dict[str, int], pairs: PairTable, byte_ids: list[int] | None,
-                 unk_id: int | None, prefix: str = "always", fuse_unk: bool = False):
+                 unk_id: int | None, prefix: str = "always", fuse_unk: bool = False, prefix_unless_space: bool = False):
         self.piece_ids = piece_ids  # mergeable pieces only (no control / byte tokens)
         self.pairs = pairs
         self.byte_ids = byte_ids
         self.unk_id = unk_id
         self.prefix = prefix  # "always": before every text run; "first": only at the start of the input; "never"
         self.fuse_unk = fuse_unk
+        self.prefix_unless_space = prefix_unless_space  # HF Metaspace: no prefix if the text starts with a space
 
     def encode(self, text: str, at_start: bool = True) -> list[int]:
         """Token ids for one run of plain text (no special tokens inside)."""
@@ -46,7 +47,8 @@ class SentencePieceBPE:
             return []
         s = text.replace(" ", SPACE)
         if self.prefix == "always" or (self.prefix == "first" and at_start):
-            s = SPACE + s
+            if not (self.prefix_unless_space and s[0] == SPACE):
+                s = SPACE + s
         pieces = merge(list(s), self.pairs)
         ids = self.piece_ids
         out: list[int] = []
