@@ -197,7 +197,11 @@ def _chat_template(cfg: dict):
 
 def load_tokenizer_json(path: str) -> Tokenizer:
     """Tokenizer from a Hugging Face tokenizer.json (BPE models)."""
-    j = _read_json(path)
+    return tokenizer_from_json(_read_json(path), path, _hf_config(path))
+
+
+def tokenizer_from_json(j, path: str, cfg: dict | None = None) -> Tokenizer:
+    """Tokenizer from a parsed tokenizer.json document; `path` names it in errors."""
     if not isinstance(j, dict) or not isinstance(j.get("model"), dict):
         raise TokenizerError(f"{path}: no 'model' object; not a tokenizer.json")
     m = j["model"]
@@ -220,7 +224,7 @@ def load_tokenizer_json(path: str) -> Tokenizer:
     holes = [i for i, t in enumerate(tokens) if t is None]
     if holes:
         raise TokenizerError(f"{path}: ids {holes[:5]} have no token (vocab has gaps)")
-    cfg = _hf_config(path)
+    cfg = cfg or {}
     by_name = {t: i for i, t in enumerate(tokens)}
 
     def named(key, fallbacks):
