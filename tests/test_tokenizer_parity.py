@@ -114,3 +114,53 @@ def test_roundtrip_smollm2(s):
 def test_roundtrip_llama2(s):
     tok = npl(LLAMA_SPM)
     assert tok.decode(tok.encode(s)) == s  # byte fallback keeps every character
+
+
+def test_llama3_whole_chunk_lookup():
+    """588 Llama 3 tokens cannot be reached by merges; llama-bpe (like tiktoken) looks the chunk up first."""
+    tok, enc = npl(LLAMA_BPE), tiktoken_llama3()
+    for word, token_id in [(" việc", 100769), (" Việt", 101798), ("ektedir", 101673), (" ایران", 101848)]:
+        assert tok.encode(word) == enc.encode_ordinary(word) == [token_id]
+        assert tok.model.encode_chunk(word) == [token_id]
+        tok.model.whole_chunk_lookup = False
+        try:
+            assert tok.model.encode_chunk(word) != [token_id]  # merges alone give something else
+        finally:
+            tok.model.whole_chunk_lookup = True
+
+
+def _mostly_ascii():
+    from hypothesis import strategies as st
+
+    return st.lists(st.one_of(st.sampled_from(["the ", "King", " 42", ".\n", "  ", "\n\n", "'s ", "?! ", "\t"]),
+                              text_strategy()), max_size=20).map("".join)
+
+
+@FUZZ
+@given(_mostly_ascii())
+def test_fast_splitter_is_exact(s):
+    """The ASCII fast path cuts the text only where the full pattern's chunks would end anyway."""
+    import regex
+
+    from npllama.tokenizer.pretokenize import DIGITS_GPT2_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, regex_splitter
+
+    for pattern in (LLAMA3_PATTERN, GPT2_PATTERN, DIGITS_GPT2_PATTERN):
+        assert regex_splitter(pattern)(s) == regex.compile(pattern).findall(s)
+
+
+def test_digits_pattern_equals_two_stage_split():
+    """SmolLM2's one-pattern pre-split equals the two steps (isolate digits, then GPT-2's pattern)."""
+    import regex
+    from hypothesis import given as g
+
+    from npllama.tokenizer.pretokenize import DIGITS_GPT2_PATTERN, GPT2_PATTERN
+
+    def two_stage(s):
+        return [c for piece in regex.split(r"(\p{N})", s) if piece for c in regex.findall(GPT2_PATTERN, piece)]
+
+    @FUZZ
+    @g(_mostly_ascii())
+    def check(s):
+        assert regex.findall(DIGITS_GPT2_PATTERN, s) == two_stage(s)
+
+    check()
