@@ -113,3 +113,50 @@ def _small_pair():
 def test_vocab_size_too_small():
     with pytest.raises(ValueError, match="smaller than 256"):
         train_bpe("abc", 200)
+
+
+PIPELINES = {
+    "gpt2-bytelevel": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    "digits-groups": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+    "split-merged-with-next": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithNext", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+    "split-merged-with-previous": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "[.,;:!?]"}, "behavior": "MergedWithPrevious", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+    "split-contiguous": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "[0-9]"}, "behavior": "Contiguous", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+    "split-invert-removed": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "[A-Za-z]+"}, "behavior": "Removed", "invert": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_generic_pretokenizer_pipelines_vs_hf(name, tmp_path):
+    """tokenizer.json pre-tokenizers that are not one of the known patterns run step by step, like HF."""
+    import json
+
+    from hypothesis import strategies as st
+
+    tokenizers = pytest.importorskip("tokenizers")
+    hf0, _ = _small_pair()
+    doc = json.loads(hf0.to_str())
+    doc["pre_tokenizer"] = PIPELINES[name]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(doc))
+    hf, ours = tokenizers.Tokenizer.from_file(str(path)), Tokenizer.from_pretrained(str(path))
+    for line in shakespeare_lines()[:3000:7]:
+        assert ours.encode(line) == hf.encode(line, add_special_tokens=False).ids, line
+
+    ascii_text = st.text(st.sampled_from(list("ab cd,.!?19\n\t'")), max_size=30)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.one_of(ascii_text, text_strategy()))
+    def check(s):
+        assert ours.encode(s) == hf.encode(s, add_special_tokens=False).ids
+
+    check()

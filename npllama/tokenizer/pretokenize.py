@@ -140,24 +140,25 @@ def _split_keep(pattern: "regex.Pattern", behavior: str, invert: bool) -> Callab
             return [s for s, d in spans if not d]
         if behavior == "isolated":
             return [s for s, _ in spans]
+        # a delimiter joins its neighbour only when that neighbour is not a delimiter itself
         if behavior == "mergedwithprevious":
+            prev_match = False
             for s, d in spans:
-                if d and out:
+                if d and out and not prev_match:
                     out[-1] += s
                 else:
                     out.append(s)
+                prev_match = d
             return out
         if behavior == "mergedwithnext":
-            carry = ""
-            for s, d in spans:
-                if d:
-                    carry += s
+            next_match = False
+            for s, d in reversed(spans):
+                if d and out and not next_match:
+                    out[-1] = s + out[-1]
                 else:
-                    out.append(carry + s)
-                    carry = ""
-            if carry:
-                out.append(carry)
-            return out
+                    out.append(s)
+                next_match = d
+            return out[::-1]
         if behavior == "contiguous":
             for s, d in spans:
                 if out and d and out[-1][1]:
