@@ -81,7 +81,7 @@ def test_smollm2_digits_split_one_by_one():
 # ---- Llama 2 (llama-spm) vs sentencepiece --------------------------------------------------
 def test_llama2_shakespeare_vs_sentencepiece():
     sp, tok = sentencepiece_llama2(), npl(LLAMA_SPM)
-    lines = shakespeare_lines()[::4]  # SentencePiece has no chunk cache: a quarter keeps the test quick
+    lines = shakespeare_lines()[::2]  # half: sentencepiece itself is the slow side here
     assert _first_mismatch(lines, tok.encode, sp.encode) is None
 
 

@@ -7,9 +7,15 @@ score first (leftmost on ties). A character with no piece falls back to its UTF-
 """
 from __future__ import annotations
 
+import re
+
 from .bpe import PairTable, merge
 
 SPACE = "\u2581"  # ▁
+# A piece made of ▁s then no ▁ ("▁the", "▁▁", "ing"): if every piece looks like this, no merge can
+# join a non-▁ character to a following ▁, so the text can be cut there and the cuts cached.
+_WORD_SHAPE = re.compile(SPACE + "*[^" + SPACE + "]*")
+_WORDS = re.compile(SPACE + "+[^" + SPACE + "]*|[^" + SPACE + "]+")
 
 
 class ScorePairTable(dict):
@@ -40,6 +46,8 @@ class SentencePieceBPE:
         self.prefix = prefix  # "always": before every text run; "first": only at the start of the input; "never"
         self.fuse_unk = fuse_unk
         self.prefix_unless_space = prefix_unless_space  # HF Metaspace: no prefix if the text starts with a space
+        self.cache: dict[str, list[int]] | None = (
+            {} if not fuse_unk and all(_WORD_SHAPE.fullmatch(p) for p in piece_ids) else None)
 
     def encode(self, text: str, at_start: bool = True) -> list[int]:
         """Token ids for one run of plain text (no special tokens inside)."""
@@ -49,6 +57,19 @@ class SentencePieceBPE:
         if self.prefix == "always" or (self.prefix == "first" and at_start):
             if not (self.prefix_unless_space and s[0] == SPACE):
                 s = SPACE + s
+        if self.cache is None:
+            return self._encode_word(s)
+        cache, out = self.cache, []
+        for w in _WORDS.findall(s):
+            ids = cache.get(w)
+            if ids is None:
+                if len(cache) >= 1 << 20:
+                    cache.clear()
+                ids = cache[w] = self._encode_word(w)
+            out += ids
+        return out
+
+    def _encode_word(self, s: str) -> list[int]:
         pieces = merge(list(s), self.pairs)
         ids = self.piece_ids
         out: list[int] = []
