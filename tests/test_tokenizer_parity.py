@@ -7,7 +7,6 @@ on every distinct line of the Shakespeare corpus and on hypothesis strings.
 """
 from __future__ import annotations
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tokenizer_fixtures import (LLAMA_BPE, LLAMA_SPM, hf_smollm2, npl, sentencepiece_llama2, shakespeare_lines,
