@@ -17,7 +17,7 @@ import re
 import struct
 import warnings
 
-from .bpe import ByteLevelBPE, PairTable, RankPairTable, unicode_to_bytes
+from .bpe import BYTE_TO_UNICODE, ByteLevelBPE, PairTable, RankPairTable, unicode_to_bytes
 from .errors import TokenizerError
 from .gguf_meta import read_gguf_metadata
 from .pretokenize import GGUF_PRE, GPT2_PATTERN, LLAMA3_PATTERN, from_hf_pretokenizer, regex_splitter
@@ -114,7 +114,7 @@ def _pairs_from_merges(path: str, merges, token_ids: dict[str, int]) -> PairTabl
         a, b = _merge_pair(path, rank, m)
         ia, ib, iab = get(a), get(b), get(a + b)
         if ia is None or ib is None or iab is None:
-            continue  # a merge into a token the vocabulary lacks can never fire; tokenizers skips it too
+            continue  # a merge naming a token the vocabulary lacks can never fire
         pairs.setdefault((ia, ib), (rank, iab))
     return pairs
 
@@ -360,9 +360,8 @@ def load_tiktoken(path: str, special_tokens: list[str] | None = None, pattern: s
             special_tokens = llama3_special_tokens()
     special = {s: n_base + k for k, s in enumerate(special_tokens)}
     token_bytes += [s.encode("utf-8") for s in special_tokens]
-    tokens = [b.decode("latin-1") for b in token_bytes[:n_base]] + list(special_tokens)
-    from .bpe import BYTE_TO_UNICODE
-    tokens[:n_base] = ["".join(BYTE_TO_UNICODE[x] for x in b) for b in token_bytes[:n_base]]
+    # token strings spelled in the GPT-2 alphabet, as tokenizer.json and GGUF files spell them
+    tokens = ["".join(BYTE_TO_UNICODE[x] for x in b) for b in token_bytes[:n_base]] + list(special_tokens)
     bpe = ByteLevelBPE(token_bytes, RankPairTable(token_bytes, ranks), regex_splitter(pattern), True, ranks)
     bos = special.get(_token_name(cfg.get("bos_token")) or "<|begin_of_text|>")
     eos = special.get(_token_name(cfg.get("eos_token")) or "<|end_of_text|>")
