@@ -89,7 +89,7 @@ class Tokenizer:
         if splitter is None:
             ids += self.model.encode(text, True)
         else:
-            table = self.special if allowed_special else {}
+            table = self.special if allowed_special else {}  # only reached with parsing on, or for added tokens
             pos = 0
             for m in splitter.finditer(text):
                 if m.start() > pos:
@@ -108,6 +108,8 @@ class Tokenizer:
         return self.model.encode(text, True)
 
     def _special_splitter(self, allowed):
+        if allowed is True or allowed is False or allowed is None:
+            allowed = "all" if allowed else ()
         if isinstance(allowed, str):
             if allowed not in ("all", ""):
                 raise ValueError("allowed_special must be 'all' or a collection of special-token strings")
