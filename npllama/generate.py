@@ -265,11 +265,12 @@ def generate(model: Any, prompt_ids: Any, max_new_tokens: int = 32, temperature:
 
 
 def stream(model: Any, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens: int = 32,
-           stop: Sequence[str] = (), **kw: Any) -> Iterator[str]:
+           stop: Sequence[str] = (), on_token: Callable[[int], None] | None = None, **kw: Any) -> Iterator[str]:
     """Yield the continuation of one prompt as text, piece by piece, as soon as each piece is final.
 
     Text is held back while it ends in an incomplete UTF-8 character or could be the start of a
     stop string; the output ends before a stop string (which is not yielded) or at EOS.
+    on_token(id) is called as each id is produced (the EOS id included), e.g. to time the first token.
     Keyword arguments are generate()'s sampling options (temperature, top_k, top_p, min_p, ...).
     """
     prompts, batched = _as_prompts(prompt_ids)
@@ -287,6 +288,8 @@ def stream(model: Any, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens
     ids: list[int] = []
     sent = 0
     for (tok,) in iter_tokens(model, prompts, max_new_tokens, s, seed, eos_ids):
+        if on_token is not None and tok is not None:
+            on_token(tok)
         if tok is None or tok in eos:
             break
         ids.append(tok)
