@@ -63,19 +63,21 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def _paths(args: argparse.Namespace) -> tuple[str, str]:
+def _paths(args: argparse.Namespace, check_only: bool = False) -> tuple[str, str]:
     """(model path, tokenizer path), the embedded default when --model is left out."""
+    if args.tokenizer and not os.path.exists(args.tokenizer):
+        raise UsageError(f"--tokenizer {args.tokenizer}: no such file or directory")
     if args.model is None:
-        from npllama.io.defaults import default_gguf, default_model_path
-        return default_model_path(), args.tokenizer or default_gguf()
+        if check_only:
+            return "", ""
+        from npllama.io.defaults import default_model_path
+        path = default_model_path()
+        return path, args.tokenizer or path
     if not os.path.exists(args.model):
         raise UsageError(f"--model {args.model}: no such file or directory")
     if not os.path.isdir(args.model) and not args.model.endswith(".gguf"):
         raise UsageError(f"--model {args.model}: expected a model directory or a .gguf file")
-    tok = args.tokenizer or args.model
-    if args.tokenizer and not os.path.exists(args.tokenizer):
-        raise UsageError(f"--tokenizer {args.tokenizer}: no such file or directory")
-    return args.model, tok
+    return args.model, args.tokenizer or args.model
 
 
 def _load(args: argparse.Namespace, need_tokenizer: bool = True) -> tuple[Any, Any, float]:
@@ -130,6 +132,7 @@ def _print_stats(load_s: float, stats: dict[str, float]) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt (from --prompt, the positional argument or stdin); --chat wraps it in the chat template."""
     kw = _sampling_kwargs(args)
+    _paths(args, check_only=True)  # a bad --model is reported before stdin is read
     prompt = args.prompt if args.prompt is not None else args.text
     if prompt is None:
         if args.default_run or sys.stdin is None or sys.stdin.isatty():
@@ -241,7 +244,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- convert
 def cmd_convert(args: argparse.Namespace) -> int:
-    """A GGUF (or an HF dir) -> an HF-layout dir: config.json + model.safetensors at --dtype."""
+    """A GGUF (or an HF dir) -> an HF-layout dir: config.json + model.safetensors at --dtype (+ tokenizer.gguf)."""
     from npllama.io.convert import save_hf
     src = args.src
     if not os.path.exists(src):
@@ -259,6 +262,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         raise UsageError(f"{src}: expected a .gguf file or a model directory")
     save_hf(config, params, args.out, args.dtype)
+    if src.endswith(".gguf"):  # keep the vocabulary with the weights, so the folder is a complete model
+        from npllama.io.gguf import GGUFError, write_tokenizer_gguf
+        try:
+            write_tokenizer_gguf(src, os.path.join(args.out, "tokenizer.gguf"))
+        except GGUFError as e:
+            print(f"npllama: note: no tokenizer written ({e})", file=sys.stderr)
     n = sum(int(a.size) for a in params.values())
     print(f"wrote {args.out} ({n / 1e6:.1f}M parameters, {args.dtype}) in {time.perf_counter() - t0:.1f} s")
     return 0

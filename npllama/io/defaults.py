@@ -53,17 +53,20 @@ def cached_dir(gguf_path: str) -> str:
     return os.path.join(cache_root(), f"{stem}-{st.st_size}-{st.st_mtime_ns}")
 
 
+FILES = ("config.json", "model.safetensors", "tokenizer.gguf")
+
+
 def _complete(d: str) -> bool:
-    return all(os.path.isfile(os.path.join(d, f)) for f in ("config.json", "model.safetensors"))
+    return all(os.path.isfile(os.path.join(d, f)) for f in FILES)
 
 
 def float_copy(gguf_path: str) -> str | None:
-    """A directory with config.json + model.safetensors dequantized from `gguf_path`, made once and reused.
+    """A model directory (config.json, model.safetensors, tokenizer.gguf) dequantized from `gguf_path`, made once.
 
     The copy is written into a temporary folder and renamed into place, so an interrupted first
     run never leaves a half-written cache. Returns None when the cache folder cannot be written.
     """
-    from npllama.io.gguf import load_gguf
+    from npllama.io.gguf import load_gguf, write_tokenizer_gguf
     from npllama.io.safetensors import save_file
     d = cached_dir(gguf_path)
     if _complete(d):
@@ -79,6 +82,7 @@ def float_copy(gguf_path: str) -> str | None:
     try:
         save_file(params, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "source": GGUF_NAME})
         config.save(os.path.join(tmp, "config.json"))
+        write_tokenizer_gguf(gguf_path, os.path.join(tmp, "tokenizer.gguf"))  # the vocabulary, without the weights
         try:
             os.replace(tmp, d)
         except OSError:  # another process finished first: use its copy
@@ -90,6 +94,9 @@ def float_copy(gguf_path: str) -> str | None:
 
 
 def default_model_path() -> str:
-    """What `--model` means when it is left out: the cached float copy of the default GGUF (made on first use)."""
+    """What `--model` means when it is left out: the cached float copy of the default GGUF (made on first use).
+
+    The copy is a complete model directory (its tokenizer included); the GGUF itself when no cache can be written.
+    """
     gguf_path = default_gguf()
     return float_copy(gguf_path) or gguf_path
