@@ -29,7 +29,7 @@ from npllama.config import LlamaConfig  # noqa: E402
 from npllama.io.convert import STORE_DTYPES, save_hf  # noqa: E402
 from npllama.io.gguf import unpermute_rotary  # noqa: E402
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.gguf", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
 
 

@@ -55,6 +55,9 @@ def write_safetensors(tensors: dict[str, Any], path: str, dtype: str = "float32"
             f.write(head)
             for b in blobs:
                 f.write(b)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an export is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
