@@ -258,6 +258,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """A GGUF (or an HF dir) -> an HF-layout dir: config.json + model.safetensors at --dtype (+ tokenizer.gguf)."""
     from npllama.io.convert import save_hf
     src = args.src
+    if src == "default" and not os.path.exists(src):
+        from npllama.io.defaults import default_gguf
+        src = default_gguf()
     if not os.path.exists(src):
         raise UsageError(f"{src}: no such file or directory")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -361,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     v = sub.add_parser("convert", help="GGUF -> HF-layout safetensors dir", description=cmd_convert.__doc__)
-    v.add_argument("src", help="a .gguf file (or an HF model dir to re-save at another dtype)")
+    v.add_argument("src", help="a .gguf file, 'default' (the embedded model's GGUF), or an HF model dir to re-save")
     v.add_argument("out", help="output directory (config.json + model.safetensors)")
     v.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"), default="float32",
                    help="stored dtype (default float32)")
