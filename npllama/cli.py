@@ -203,7 +203,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             ids = tok.apply_chat_template(system + history, add_generation_prompt=True)
         if not interactive:
             print(f"> {line}")
-        reply, stats = _run_stream(model, tok, ids, args, kw)
+        try:
+            reply, stats = _run_stream(model, tok, ids, args, kw)
+        except ValueError as e:  # e.g. one message longer than the context: say so, keep the session
+            print(f"npllama: error: {e}", file=sys.stderr)
+            history.pop()
+            continue
         print()
         history.append({"role": "assistant", "content": reply.strip()})
         if args.verbose:

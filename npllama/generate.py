@@ -142,7 +142,7 @@ def _as_prompts(prompt_ids: Any) -> tuple[list[list[int]], bool]:
             return [[int(t) for t in row] for row in a], True
         raise ValueError(f"prompt_ids must be 1-D (one prompt) or 2-D (a batch), got shape {a.shape}")
     a = list(a)
-    if a and all(isinstance(r, (list, tuple)) or hasattr(r, "ndim") for r in a):
+    if a and all(isinstance(r, (list, tuple)) or getattr(r, "ndim", 0) >= 1 for r in a):
         return [[int(t) for t in r] for r in a], True
     if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in a):
         raise TypeError("prompt_ids must be a list of token ids or a list of such lists")

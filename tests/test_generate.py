@@ -185,6 +185,15 @@ def test_context_limit(model):
     assert generate(model, [1, 2], max_new_tokens=0) == []
 
 
+def test_prompt_forms(model):
+    ids = [4, 8, 15]
+    want = generate(model, ids, max_new_tokens=3)
+    assert generate(model, np.array(ids), max_new_tokens=3) == want
+    assert generate(model, [np.int64(i) for i in ids], max_new_tokens=3) == want
+    assert generate(model, np.array([ids, ids]), max_new_tokens=3) == [want, want]
+    assert generate(model, [np.array(ids)], max_new_tokens=3) == [want]
+
+
 def test_bad_prompts(model):
     with pytest.raises(ValueError, match="out of range"):
         generate(model, [1, 999])
