@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean 'bad input' (a path, a file, a flag value): one line, exit code 2."""
-    errs: list[type[BaseException]] = [UsageError, OSError, ValueError, KeyError, TypeError]
+    errs: list[type[BaseException]] = [UsageError, OSError, ValueError, KeyError]
     for mod, name in (("npllama.backend", "BackendError"), ("npllama.tokenizer.errors", "TokenizerError")):
         try:
             errs.append(getattr(__import__(mod, fromlist=[name]), name))

@@ -6,12 +6,15 @@ difference is in the computation. Float32 throughout; tolerances from DESIGN.md.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
 
 from conftest import REPO
 from npllama.backend import to_host
+
+sys.path.insert(0, REPO)  # tools.fetch_assets
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("gguf")
