@@ -90,7 +90,17 @@ def float_copy(gguf_path: str) -> str | None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _drop_stale(d)
     return d if _complete(d) else None
+
+
+def _drop_stale(keep: str) -> None:
+    """Remove copies made from an earlier version of the same GGUF (they would only fill the disk)."""
+    root, name = os.path.split(keep)
+    stem = name.rsplit("-", 2)[0]
+    for other in os.listdir(root):
+        if other != name and other.startswith(stem + "-") and other.rsplit("-", 2)[0] == stem:
+            shutil.rmtree(os.path.join(root, other), ignore_errors=True)
 
 
 def default_model_path() -> str:
