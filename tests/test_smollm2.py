@@ -117,7 +117,7 @@ def test_perplexity_shakespeare(ours, theirs):
     start = text.index("To be, or not to be")
     ids = ours[1].encode(text[start:start + 2000])[:257]
     window = 128
-    ppl, _, n = perplexity(ours[0], ids, window)
+    ppl, mean_nll, n = perplexity(ours[0], ids, window)
     nll, count = 0.0, 0
     for s in range(0, len(ids) - 1, window):
         chunk = torch.tensor([ids[s:s + window + 1]])
@@ -128,4 +128,6 @@ def test_perplexity_shakespeare(ours, theirs):
         count += chunk.shape[1] - 1
     ref = float(np.exp(nll / count))
     assert n == count == 256
-    assert 1 < ppl < 1000 and abs(ppl - ref) <= 1e-4 * ref, (ppl, ref)
+    # measured: mean NLL 3.77224 both sides, 8e-6 apart; perplexity 43.47802 vs 43.47768 (float32 noise, 8e-6 relative)
+    assert 1 < ppl < 1000
+    assert abs(mean_nll - nll / count) <= 1e-4 and abs(ppl - ref) <= 1e-4 * ref, (ppl, ref)
