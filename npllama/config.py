@@ -41,7 +41,7 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # keys npllama does not use
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:

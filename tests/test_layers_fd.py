@@ -1,0 +1,134 @@
+"""Each layer's backward against central finite differences in float64 (NumPy only, no torch)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from npllama.config import LlamaConfig
+from npllama.layers import attention, embedding, linear, loss, mlp, rmsnorm, rope
+
+rng = np.random.default_rng(0)
+EPS = 1e-6
+
+
+def numgrad(f, x, n_samples=None):
+    """Central differences of scalar f at (a sample of) the entries of x, in place."""
+    g = np.zeros_like(x)
+    flat = x.reshape(-1)
+    idx = range(flat.size) if n_samples is None else rng.choice(flat.size, min(n_samples, flat.size), replace=False)
+    for i in idx:
+        old = flat[i]
+        flat[i] = old + EPS
+        fp = f()
+        flat[i] = old - EPS
+        fm = f()
+        flat[i] = old
+        g.reshape(-1)[i] = (fp - fm) / (2 * EPS)
+    return g, list(idx)
+
+
+def check(analytic, f, x, n_samples=None, tol=1e-7):
+    num, idx = numgrad(f, x, n_samples)
+    a, n = analytic.reshape(-1)[idx], num.reshape(-1)[idx]
+    assert np.abs(a - n).max() <= tol * max(1.0, np.abs(n).max()), (np.abs(a - n).max(), np.abs(n).max())
+
+
+def test_linear():
+    x, W, b = rng.standard_normal((2, 3, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)
+    R = rng.standard_normal((2, 3, 4))
+    f = lambda: float((linear.forward(x, W, b)[0] * R).sum())
+    dx, dW, db = linear.backward(R, linear.forward(x, W, b)[1])
+    check(dx, f, x)
+    check(dW, f, W)
+    check(db, f, b)
+
+
+def test_embedding_with_repeated_ids():
+    W = rng.standard_normal((7, 3))
+    ids = np.array([[1, 1, 4], [6, 1, 4]])
+    R = rng.standard_normal((2, 3, 3))
+    dW = embedding.backward(R, embedding.forward(ids, W)[1])
+    check(dW, lambda: float((embedding.forward(ids, W)[0] * R).sum()), W)
+    assert np.abs(dW[1]).sum() > 0 and np.all(dW[0] == 0)
+
+
+def test_rmsnorm():
+    x, w = rng.standard_normal((2, 3, 6)), rng.standard_normal(6)
+    R = rng.standard_normal((2, 3, 6))
+    f = lambda: float((rmsnorm.forward(x, w, 1e-5)[0] * R).sum())
+    dx, dw = rmsnorm.backward(R, rmsnorm.forward(x, w, 1e-5)[1])
+    check(dx, f, x)
+    check(dw, f, w)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 2.0},
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 4}])
+def test_rope(scaling):
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, vocab_size=5,
+                      max_position_embeddings=4, rope_scaling=scaling)
+    cos, sin = rope.tables(cfg, np.arange(6), np.float64)
+    x = rng.standard_normal((2, 6, 2, 8))
+    R = rng.standard_normal((2, 6, 2, 8))
+    dx = rope.apply_backward(R, cos, sin)
+    check(dx, lambda: float((rope.apply(x, cos, sin) * R).sum()), x)
+
+
+@pytest.mark.parametrize("H,KV,bias", [(4, 4, False), (4, 2, True), (6, 1, False)])
+def test_attention_block(H, KV, bias):
+    D, hd, B, T = 12, 4, 2, 5
+    cfg = LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
+                      num_key_value_heads=KV, head_dim=hd, vocab_size=5)
+    cos, sin = rope.tables(cfg, np.arange(T), np.float64)
+    p = {"q_proj.weight": rng.standard_normal((H * hd, D)) * 0.5, "k_proj.weight": rng.standard_normal((KV * hd, D)) * 0.5,
+         "v_proj.weight": rng.standard_normal((KV * hd, D)) * 0.5, "o_proj.weight": rng.standard_normal((D, H * hd)) * 0.5}
+    if bias:
+        for n, k in (("q_proj", H), ("k_proj", KV), ("v_proj", KV)):
+            p[n + ".bias"] = rng.standard_normal(k * hd)
+        p["o_proj.bias"] = rng.standard_normal(D)
+    x = rng.standard_normal((B, T, D))
+    R = rng.standard_normal((B, T, D))
+    f = lambda: float((attention.forward(x, p, cos, sin, H, KV, hd)[0] * R).sum())
+    dx, grads = attention.backward(R, attention.forward(x, p, cos, sin, H, KV, hd)[1])
+    check(dx, f, x, n_samples=40)
+    assert set(grads) == set(p)
+    for k in p:
+        check(grads[k], f, p[k], n_samples=25)
+
+
+def test_mlp_with_bias():
+    D, I = 6, 10
+    p = {"gate_proj.weight": rng.standard_normal((I, D)), "up_proj.weight": rng.standard_normal((I, D)),
+         "down_proj.weight": rng.standard_normal((D, I)), "gate_proj.bias": rng.standard_normal(I),
+         "up_proj.bias": rng.standard_normal(I), "down_proj.bias": rng.standard_normal(D)}
+    x = rng.standard_normal((2, 3, D))
+    R = rng.standard_normal((2, 3, D))
+    f = lambda: float((mlp.forward(x, p)[0] * R).sum())
+    dx, grads = mlp.backward(R, mlp.forward(x, p)[1])
+    check(dx, f, x)
+    for k in p:
+        check(grads[k], f, p[k], n_samples=30)
+
+
+def test_cross_entropy_with_ignore_index():
+    logits = rng.standard_normal((6, 9)) * 3
+    t = np.array([1, -100, 8, 0, -100, 3])
+    d = loss.backward(1.0, loss.forward(logits.copy(), t)[1])
+    check(d, lambda: loss.forward(logits, t)[0], logits)
+    assert np.all(d[[1, 4]] == 0)
+    # mean over the 4 counted targets only
+    lse = np.log(np.exp(logits).sum(-1))
+    expect = np.mean([lse[i] - logits[i, t[i]] for i in (0, 2, 3, 5)])
+    assert abs(loss.forward(logits, t)[0] - expect) < 1e-12
+
+
+def test_whole_model_fd():
+    from npllama import Llama
+    cfg = LlamaConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=11, tie_word_embeddings=True, attention_bias=True)
+    model = Llama.init(cfg, seed=1, dtype="float64", std=0.4)
+    ids = rng.integers(0, 11, (2, 5))
+    tg = rng.integers(0, 11, (2, 5))
+    _, grads = model.loss_and_grads(ids, tg)
+    for k, p in model.params.items():
+        check(grads[k], lambda: model.loss(ids, tg), p, n_samples=6)
