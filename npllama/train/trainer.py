@@ -80,6 +80,11 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _bar(frac: float, width: int = 20) -> str:
+    n = int(round(frac * width))
+    return "[" + "#" * n + "." * (width - n) + "]"
+
+
 class Trainer:
     """Trains `model` on token arrays; `fit()` runs to cfg.steps, saving into `out_dir`."""
 
@@ -187,20 +192,22 @@ class Trainer:
     def fit(self, stop_at: int | None = None, on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Train until cfg.steps (or `stop_at`), evaluating, logging and saving on the way; returns the last record."""
         cfg, end = self.cfg, min(stop_at or self.cfg.steps, self.cfg.steps)
-        t0, start_step, rec = time.perf_counter(), self.step, {}
+        start_step, rec, elapsed = self.step, {}, 0.0     # elapsed: training time only (no evals, no saves)
         if self.step == 0 and cfg.eval_every and self.val_tokens is not None:
             self._record_eval()
         while self.step < end:
+            t = time.perf_counter()
             rec = self.train_step()
+            elapsed += time.perf_counter() - t
             self.history.append(rec)
             if on_step:
                 on_step(rec)
             done = self.step - start_step
-            elapsed = time.perf_counter() - t0
             if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == end):
                 tps = done * self.tokens_per_step / elapsed if elapsed > 0 else float("nan")
                 eta = (end - self.step) * elapsed / done
-                print(f"step {self.step:>6}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
+                bar = _bar(self.step / cfg.steps)
+                print(f"{bar} step {self.step:>6}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
                       f"norm {rec['grad_norm']:.3f} | {tps:,.0f} tok/s | ETA {_fmt_time(eta)}", file=self.log, flush=True)
             if cfg.eval_every and self.val_tokens is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 rec = {**rec, "val_loss": self._record_eval()}
