@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, typ, help_ in (
             ("steps", int, "optimizer steps"), ("batch-size", int, "sequences per micro-batch"),
             ("seq-len", int, "tokens per sequence"), ("accum", int, "micro-batches per optimizer step"),
-            ("lr", float, "peak learning rate"), ("min-lr", float, "final learning rate of the cosine decay"),
+            ("lr", float, "peak learning rate"), ("min-lr", float, "final learning rate of the cosine decay (lr/10)"),
             ("warmup", int, "linear warmup steps"), ("clip", float, "max global gradient norm (0: off)"),
             ("weight-decay", float, "decoupled weight decay"), ("beta1", float, "AdamW beta1"),
             ("beta2", float, "AdamW beta2"), ("eval-every", int, "validate every N steps (0: off)"),
@@ -68,6 +68,8 @@ def _settings(args: argparse.Namespace, base: dict[str, Any] | None = None) -> t
             if base is not None and base.get(field_) != v:
                 given.append(f"{field_}={v} (was {base.get(field_)})")
             d[field_] = v
+    if base is None and args.min_lr is None:
+        d["min_lr"] = d["lr"] / 10                 # the floor follows the peak unless given
     return TrainConfig.from_dict(d), given
 
 
