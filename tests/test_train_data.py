@@ -153,3 +153,20 @@ def test_cli_tokenizes_text_once_and_reuses_it(tmp_path, monkeypatch, capsys):
     assert loads == ["tok"]                                      # second run reuses the token file
     assert "reusing" in capsys.readouterr().out
     assert run() == 0                                            # no tokenizer needed once tokenized
+
+
+def test_training_stack_never_imports_torch():
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np, tempfile\n"
+            "import npllama, npllama.train, npllama.train.cli\n"
+            "from npllama.config import LlamaConfig\n"
+            "m = npllama.Llama.init(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, "
+            "num_attention_heads=2, vocab_size=50))\n"
+            "t = npllama.train.Trainer(m, np.arange(500) % 50, None, npllama.train.TrainConfig(steps=2, batch_size=2, "
+            "seq_len=8, eval_every=0, log_every=0), tempfile.mkdtemp())\n"
+            "t.fit()\n"
+            "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers')]\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
