@@ -34,20 +34,23 @@ MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_at
 def train_tokenizer(files: list[str], vocab_size: int, out_dir: str) -> None:
     """Train a byte-level BPE vocabulary on `files` into out_dir/tokenizer.json (once).
 
-    npllama's own BPE trainer is used when the package has one (npllama.tokenizer.train_bpe); until then
-    the vocabulary is trained by Hugging Face `tokenizers` (a stopgap that lives only in this script).
+    npllama's own BPE trainer (npllama.tokenizer.train_bpe) does it; on a checkout without it, the
+    vocabulary is trained by Hugging Face `tokenizers` instead (a stopgap that lives only in this script).
     """
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "tokenizer.json")
     if os.path.exists(path):
         return
     try:
-        from npllama.tokenizer import train_bpe  # type: ignore[attr-defined]
+        from npllama.tokenizer import train_bpe
     except ImportError:
         train_bpe = None
     if train_bpe is not None:
-        train_bpe(files, vocab_size=vocab_size, out_dir=out_dir, special_tokens=["<|endoftext|>"])
+        texts = (open(f, encoding="utf-8", errors="replace").read() for f in files)
+        train_bpe(texts, vocab_size=vocab_size, special_tokens=["<|endoftext|>"]).save(out_dir)
+        print(f"tokenizer: npllama byte-level BPE, {vocab_size} ids -> {path}")
         return
+    print("tokenizer: npllama.tokenizer.train_bpe not available; training the vocabulary with HF `tokenizers`")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
