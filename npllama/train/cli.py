@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             ("steps", int, "optimizer steps"), ("batch-size", int, "sequences per micro-batch"),
             ("seq-len", int, "tokens per sequence"), ("accum", int, "micro-batches per optimizer step"),
             ("lr", float, "peak learning rate"), ("min-lr", float, "final learning rate of the cosine decay (lr/10)"),
-            ("warmup", int, "linear warmup steps"), ("clip", float, "max global gradient norm (0: off)"),
+            ("warmup", int, "linear warmup steps (at most steps/10 unless given)"), ("clip", float, "max global gradient norm (0: off)"),
             ("weight-decay", float, "decoupled weight decay"), ("beta1", float, "AdamW beta1"),
             ("beta2", float, "AdamW beta2"), ("eval-every", int, "validate every N steps (0: off)"),
             ("eval-batches", int, "validation batches per evaluation"),
@@ -70,6 +70,8 @@ def _settings(args: argparse.Namespace, base: dict[str, Any] | None = None) -> t
             d[field_] = v
     if base is None and args.min_lr is None:
         d["min_lr"] = d["lr"] / 10                 # the floor follows the peak unless given
+    if base is None and args.warmup is None:
+        d["warmup"] = min(d["warmup"], d["steps"] // 10)   # a short run is not all warmup
     return TrainConfig.from_dict(d), given
 
 
