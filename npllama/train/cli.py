@@ -1,0 +1,190 @@
+"""`run.py train`: build or load a model, tokenize the data once, train, save the result.
+
+    python run.py train --config config.json --data texts/ --tokenizer tok/ --out runs/x --steps 2000
+    python run.py train --out runs/x --resume              # continue exactly where runs/x stopped
+    python run.py train --model weights/m --data more.txt --out runs/ft --lr 1e-5   # fine-tune
+
+Writes into --out: data/tokens.bin (+ .json), checkpoints/step_*/ with a `latest` pointer,
+history.jsonl, loss.png (with matplotlib), and final/ (an HF-layout model dir, with the tokenizer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from npllama.train.trainer import TrainConfig, Trainer, TrainingDiverged
+
+# flag -> TrainConfig field, for the settings a resumed run takes from its checkpoint unless given again
+_SETTINGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr", "min_lr": "min_lr",
+             "warmup": "warmup", "schedule": "schedule", "clip": "clip", "weight_decay": "weight_decay",
+             "accum": "accum", "eval_every": "eval_every", "eval_batches": "eval_batches",
+             "save_every": "save_every", "seed": "seed", "optimizer": "optimizer", "beta1": "beta1",
+             "beta2": "beta2", "log_every": "log_every", "keep_checkpoints": "keep_checkpoints"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `train` flags to a parser (settings left out default to TrainConfig's values)."""
+    d = TrainConfig()
+    src = parser.add_argument_group("model (one of --config, --model, or --resume)")
+    src.add_argument("--config", help="HF config.json of a model to train from scratch")
+    src.add_argument("--model", help="pretrained model dir (config.json + safetensors) to fine-tune")
+    src.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                     help="continue from --out's latest checkpoint (or the given checkpoint dir), exactly")
+    io = parser.add_argument_group("data and output")
+    io.add_argument("--data", help="text file(s) or dir of *.txt, or a token file (.bin with .bin.json)", nargs="+")
+    io.add_argument("--tokenizer", help="tokenizer dir/file for text data (default: the --model dir)")
+    io.add_argument("--out", required=True, help="output dir: checkpoints, logs, final model")
+    io.add_argument("--val-fraction", type=float, default=0.1, help="share of the tokens held out (default 0.1)")
+    h = parser.add_argument_group("training (defaults in brackets; a resumed run keeps its saved values)")
+    for flag, typ, help_ in (
+            ("steps", int, "optimizer steps"), ("batch-size", int, "sequences per micro-batch"),
+            ("seq-len", int, "tokens per sequence"), ("accum", int, "micro-batches per optimizer step"),
+            ("lr", float, "peak learning rate"), ("min-lr", float, "final learning rate of the cosine decay (lr/10)"),
+            ("warmup", int, "linear warmup steps (at most steps/10 unless given)"), ("clip", float, "max global gradient norm (0: off)"),
+            ("weight-decay", float, "decoupled weight decay"), ("beta1", float, "AdamW beta1"),
+            ("beta2", float, "AdamW beta2"), ("eval-every", int, "validate every N steps (0: off)"),
+            ("eval-batches", int, "validation batches per evaluation"),
+            ("save-every", int, "checkpoint every N steps (and always at the end)"),
+            ("keep-checkpoints", int, "checkpoints kept on disk"), ("log-every", int, "progress line every N steps"),
+            ("seed", int, "seed of the data order (and of the init with --config)")):
+        h.add_argument("--" + flag, type=typ, default=None, help=f"{help_} [{getattr(d, flag.replace('-', '_'))}]")
+    h.add_argument("--schedule", choices=("cosine", "constant"), default=None, help=f"lr schedule [{d.schedule}]")
+    h.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help=f"[{d.optimizer}]")
+    h.add_argument("--dtype", choices=("float32", "float64"), default=None, help="compute dtype [float32]")
+    h.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array backend [numpy]")
+
+
+def _settings(args: argparse.Namespace, base: dict[str, Any] | None = None) -> tuple[TrainConfig, list[str]]:
+    d = dict(base) if base else asdict(TrainConfig())
+    given = []
+    for flag, field_ in _SETTINGS.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            if base is not None and base.get(field_) != v:
+                given.append(f"{field_}={v} (was {base.get(field_)})")
+            d[field_] = v
+    if base is None and args.min_lr is None:
+        d["min_lr"] = d["lr"] / 10                 # the floor follows the peak unless given
+    if base is None and args.warmup is None:
+        d["warmup"] = min(d["warmup"], d["steps"] // 10)   # a short run is not all warmup
+    return TrainConfig.from_dict(d), given
+
+
+def _load_tokenizer(path: str) -> Any:
+    try:
+        from npllama.tokenizer import Tokenizer
+    except ImportError as e:
+        raise SystemExit(f"error: text data needs npllama's tokenizer, which is not available ({e}); "
+                         f"pass a token file as --data instead") from None
+    return Tokenizer.from_pretrained(path)
+
+
+def _tokens(args: argparse.Namespace, vocab_size: int) -> Any:
+    """The token file for --data: used as is, or built once from text into <out>/data/tokens.bin."""
+    from npllama.train.data import TokenFile, build_token_file, is_token_file, text_files
+    if len(args.data) == 1 and is_token_file(args.data[0]):
+        tf = TokenFile(args.data[0])
+    else:
+        files = [os.path.abspath(f) for f in text_files(args.data)]
+        out = os.path.join(args.out, "data", "tokens.bin")
+        tok_path = args.tokenizer or args.model
+        if is_token_file(out) and TokenFile(out).meta.get("sources") == files:
+            tf = TokenFile(out)
+            print(f"data: reusing {out} ({len(tf):,} tokens)", flush=True)
+        else:
+            if not tok_path:
+                raise SystemExit("error: text --data needs --tokenizer (or a --model dir with a tokenizer)")
+            tok = _load_tokenizer(tok_path)
+            print(f"data: tokenizing {len(files)} file(s) with {tok_path} ...", flush=True)
+            tf = build_token_file(files, tok, out)
+            print(f"data: {len(tf):,} tokens -> {out} ({tf.dtype.name})", flush=True)
+    if tf.vocab_size > vocab_size:
+        raise SystemExit(f"error: {tf.path} was made with a vocabulary of {tf.vocab_size} ids, "
+                         f"the model has only {vocab_size}")
+    return tf
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `train` with parsed arguments; returns the exit code (0 done, 1 diverged, 2 bad input)."""
+    from npllama.config import LlamaConfig
+    from npllama.model import Llama
+    from npllama.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+    try:
+        saved = None
+        if args.resume:
+            path = latest_checkpoint(os.path.join(args.out, "checkpoints")) if args.resume == "latest" else args.resume
+            if path is None:
+                print(f"error: --resume: no checkpoint under {os.path.join(args.out, 'checkpoints')}", file=sys.stderr)
+                return 2
+            saved = load_checkpoint(path)["state"]          # verifies completeness before anything else runs
+            run_meta = saved.get("run", {})
+            dtype = args.dtype or saved.get("dtype", "float32")
+            model = Llama.from_pretrained(path, dtype=dtype, backend=args.backend)
+            if not args.data:
+                args.data = run_meta.get("data")
+            args.tokenizer = args.tokenizer or run_meta.get("tokenizer")
+            args.model = args.model or run_meta.get("model")
+            cfg, changed = _settings(args, saved["train_config"])
+            if changed:
+                print("note: resuming with changed settings (no longer bit-exact): " + ", ".join(changed))
+        else:
+            if bool(args.config) == bool(args.model):
+                print("error: give exactly one of --config (train from scratch) or --model (fine-tune), "
+                      "or --resume", file=sys.stderr)
+                return 2
+            cfg, _ = _settings(args)
+            dtype = args.dtype or "float32"
+            if args.config:
+                model = Llama.init(LlamaConfig.from_json(args.config), seed=cfg.seed, dtype=dtype, backend=args.backend)
+            else:
+                model = Llama.from_pretrained(args.model, dtype=dtype, backend=args.backend)
+        if not args.data:
+            print("error: --data is required", file=sys.stderr)
+            return 2
+        tf = _tokens(args, model.config.vocab_size)
+        train, val = tf.split(args.val_fraction)
+        print(f"model: {model}; train {len(train):,} tokens, validation {len(val):,}", flush=True)
+        run_meta = {"data": [os.path.abspath(d) for d in args.data], "tokenizer": args.tokenizer, "model": args.model}
+        trainer = Trainer(model, train, val, cfg, args.out, extra_state={"run": run_meta})
+        if args.resume:
+            trainer.resume(path)
+            print(f"resumed from {path} at step {trainer.step}", flush=True)
+        with open(os.path.join(args.out, "train_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"train": asdict(cfg), "dtype": model.dtype.name, "backend": model.backend, **run_meta}, f, indent=1)
+        try:
+            trainer.fit()
+        except TrainingDiverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        final = os.path.join(args.out, "final")
+        model.save_pretrained(final)
+        tok_src = args.tokenizer or args.model
+        if tok_src:
+            for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+                src = os.path.join(tok_src, name) if os.path.isdir(tok_src) else tok_src
+                if os.path.basename(src) == name and os.path.isfile(src):
+                    shutil.copy(src, os.path.join(final, name))
+        print(f"saved the trained model to {final}")
+        return 0
+    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry: python -m npllama.train.cli ..."""
+    p = argparse.ArgumentParser(prog="npllama train", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["add_arguments", "run", "main"]

@@ -1,0 +1,268 @@
+"""The training loop: batches -> loss_and_grads (accumulated) -> clip -> lr schedule -> AdamW, with
+periodic validation, progress lines, checkpoints and an exact resume.
+
+One optimizer step is:
+    for each of `accum` micro-batches:  loss_i, g_i = model.loss_and_grads(x_i, y_i);  G += g_i / accum
+    norm = clip_grad_norm(G, clip);  opt.lr = schedule(step);  opt.step(G)
+Everything a step depends on (parameters, optimizer buffers, step number, the data generator's
+state) is in the checkpoint, so a resumed run performs the very same arithmetic as one that never
+stopped. A non-finite loss or gradient norm stops the run before the update, leaving the
+parameters and the last checkpoint as they were.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, TextIO
+
+import numpy as np
+
+from npllama.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from npllama.train.clip import clip_grad_norm, grad_norm
+from npllama.train.data import Batcher, eval_batches
+from npllama.train.optim import Optimizer, make_optimizer
+from npllama.train.schedule import Schedule
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; the run stopped before updating."""
+
+
+@dataclass
+class TrainConfig:
+    """The settings of a training run (saved with every checkpoint)."""
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 256
+    accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: int = 100
+    schedule: str = "cosine"
+    optimizer: str = "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip: float = 1.0                 # 0 disables clipping
+    eval_every: int = 100             # 0 disables validation
+    eval_batches: int = 20
+    save_every: int = 500             # 0: save only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "accum"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "eval_batches", "save_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.clip < 0:
+            raise ValueError(f"clip must be >= 0 (0 disables clipping), got {self.clip}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, ignoring keys that are not settings."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _fmt_time(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _bar(frac: float, width: int = 20) -> str:
+    n = int(round(frac * width))
+    return "[" + "#" * n + "." * (width - n) + "]"
+
+
+class Trainer:
+    """Trains `model` on token arrays; `fit()` runs to cfg.steps, saving into `out_dir`."""
+
+    def __init__(self, model: Any, train_tokens: np.ndarray, val_tokens: np.ndarray | None, cfg: TrainConfig,
+                 out_dir: str, log: TextIO | None = None, extra_state: dict[str, Any] | None = None) -> None:
+        self.model, self.cfg, self.out_dir = model, cfg, out_dir
+        self.ckpt_dir = os.path.join(out_dir, "checkpoints")
+        self.log = log or sys.stdout
+        self.extra_state = extra_state or {}
+        self.train = Batcher(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed, name="train")
+        self.val_tokens = val_tokens if val_tokens is not None and len(val_tokens) > cfg.seq_len else None
+        if self.val_tokens is None and cfg.eval_every:
+            print("note: no validation split long enough for --seq-len; validation is off", file=self.log)
+        kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps) if cfg.optimizer == "adamw" else {}
+        self.opt: Optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay, **kw)
+        self.schedule = Schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.min_lr, cfg.schedule)
+        self.step = 0                                       # optimizer steps done
+        self.history: list[dict[str, Any]] = []             # one record per step (and per eval)
+        self.last_checkpoint: str | None = None
+        os.makedirs(out_dir, exist_ok=True)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (accum micro-batches); returns its loss, lr and gradient norm."""
+        cfg, xp = self.cfg, self.model.xp
+        total_loss, G = 0.0, None
+        for _ in range(cfg.accum):
+            batch = xp.asarray(self.train.next())
+            loss, grads = self.model.loss_and_grads(batch[:, :-1], batch[:, 1:])
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(self._diverged_msg(f"loss is {loss}"))
+            total_loss += loss / cfg.accum
+            if cfg.accum == 1:
+                G = grads
+            elif G is None:                                   # average the micro-batch gradients
+                G = {k: g / cfg.accum for k, g in grads.items()}
+            else:
+                for k, g in grads.items():
+                    G[k] += g / cfg.accum
+        assert G is not None
+        norm = clip_grad_norm(G, cfg.clip) if cfg.clip > 0 else grad_norm(G)
+        if not math.isfinite(norm):
+            raise TrainingDiverged(self._diverged_msg(f"gradient norm is {norm}"))
+        lr = self.schedule(self.step)
+        self.opt.lr = lr
+        self.opt.step(G)
+        self.step += 1
+        return {"step": self.step, "loss": total_loss, "lr": lr, "grad_norm": norm}
+
+    def _diverged_msg(self, what: str) -> str:
+        where = self.last_checkpoint or "none was written in this run"
+        return (f"training diverged at step {self.step + 1}: {what}. Stopped before updating the parameters. "
+                f"Last good checkpoint: {where}. Try a lower --lr, a longer --warmup or --clip 1.0.")
+
+    def evaluate(self) -> float:
+        """Mean validation loss over the fixed validation batches."""
+        if self.val_tokens is None:
+            return float("nan")
+        xp, losses = self.model.xp, []
+        for b in eval_batches(self.val_tokens, self.cfg.batch_size, self.cfg.seq_len, self.cfg.eval_batches):
+            b = xp.asarray(b)
+            losses.append(float(self.model.loss(b[:, :-1], b[:, 1:])))
+        return float(np.mean(losses))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        """Write a checkpoint of the current state (atomic) and return its path."""
+        state = {"train_config": asdict(self.cfg), "data": {"train": self.train.state_dict()},
+                 "tokens_seen": self.tokens_per_step * self.step, "dtype": self.model.dtype.name, **self.extra_state}
+        self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.step, self.model.params, self.opt.state_dict(),
+                                               self.model.config, state, keep=self.cfg.keep_checkpoints)
+        self._write_history()
+        return self.last_checkpoint
+
+    def resume(self, path: str | None = None) -> None:
+        """Continue from a checkpoint dir (default: the `latest` one in out_dir): params, optimizer, step, data."""
+        path = path or latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir} (no 'latest' pointer)")
+        ck = load_checkpoint(path, dtype=self.model.dtype)
+        missing = sorted(set(self.model.params) - set(ck["params"]))
+        if missing:
+            raise ValueError(f"{ck['path']}: checkpoint lacks parameter {missing[0]!r} of this model")
+        xp = self.model.xp
+        for k, p in self.model.params.items():           # in place, so the optimizer's references stay valid
+            src = ck["params"][k]
+            if tuple(src.shape) != tuple(p.shape):
+                raise ValueError(f"{ck['path']}: parameter {k!r} has shape {src.shape}, the model has {p.shape}")
+            p[...] = xp.asarray(src)
+        self.opt.load_state_dict(ck["optimizer"])
+        st = ck["state"]
+        self.step = int(st["step"])
+        self.train.load_state_dict(st["data"]["train"])
+        self.last_checkpoint = ck["path"]
+        self.history = self._read_history()
+        self.history = [h for h in self.history if h["step"] <= self.step]   # drop steps after the checkpoint
+
+    # ------------------------------------------------------------------ the loop
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens consumed by one optimizer step."""
+        return self.cfg.batch_size * self.cfg.seq_len * self.cfg.accum
+
+    def fit(self, stop_at: int | None = None, on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Train until cfg.steps (or `stop_at`), evaluating, logging and saving on the way; returns the last record."""
+        cfg, end = self.cfg, min(stop_at or self.cfg.steps, self.cfg.steps)
+        start_step, rec, elapsed = self.step, {}, 0.0     # elapsed: training time only (no evals, no saves)
+        if self.step == 0 and cfg.eval_every and self.val_tokens is not None:
+            self._record_eval()
+        while self.step < end:
+            t = time.perf_counter()
+            rec = self.train_step()
+            elapsed += time.perf_counter() - t
+            self.history.append(rec)
+            if on_step:
+                on_step(rec)
+            done = self.step - start_step
+            if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == end):
+                tps = done * self.tokens_per_step / elapsed if elapsed > 0 else float("nan")
+                eta = (end - self.step) * elapsed / done
+                bar = _bar(self.step / cfg.steps)
+                print(f"{bar} step {self.step:>6}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
+                      f"norm {rec['grad_norm']:.3f} | {tps:,.0f} tok/s | ETA {_fmt_time(eta)}", file=self.log, flush=True)
+            if cfg.eval_every and self.val_tokens is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                rec = {**rec, "val_loss": self._record_eval()}
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
+                self.save()
+        self._write_history()
+        self.plot()
+        return rec
+
+    def _record_eval(self) -> float:
+        v = self.evaluate()
+        self.history.append({"step": self.step, "val_loss": v})
+        print(f"step {self.step:>6}/{self.cfg.steps} | val loss {v:.4f}", file=self.log, flush=True)
+        return v
+
+    # ------------------------------------------------------------------ history and plot
+    def _write_history(self) -> None:
+        path = os.path.join(self.out_dir, "history.jsonl")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for h in self.history:
+                f.write(json.dumps(h) + "\n")
+        os.replace(path + ".tmp", path)
+
+    def _read_history(self) -> list[dict[str, Any]]:
+        path = os.path.join(self.out_dir, "history.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def plot(self) -> str | None:
+        """Write out_dir/loss.png (train and validation loss) when matplotlib is installed."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        tr = [(h["step"], h["loss"]) for h in self.history if "loss" in h]
+        va = [(h["step"], h["val_loss"]) for h in self.history if "val_loss" in h and math.isfinite(h["val_loss"])]
+        if not tr and not va:
+            return None
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if tr:
+            ax.plot(*zip(*tr), lw=0.8, label="train")
+        if va:
+            ax.plot(*zip(*va), "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = os.path.join(self.out_dir, "loss.png")
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged"]
