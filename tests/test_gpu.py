@@ -322,3 +322,20 @@ def test_tf32_is_off_by_default_and_scoped():
     finally:
         linear.forward = plain_forward
     assert tf32_enabled(cupy) is False
+
+
+def test_adamw_on_cupy_matches_numpy():
+    from npllama.train.clip import clip_grad_norm
+    from npllama.train.optim import AdamW
+    from test_train_optim import _grads_seq, _params, _rel
+    cp = cupy
+    P = _params(np.float32)
+    Q = {k: cp.asarray(v) for k, v in P.items()}
+    a, b = AdamW(P, lr=1e-2, weight_decay=0.1, amsgrad=True), AdamW(Q, lr=1e-2, weight_decay=0.1, amsgrad=True)
+    for G in _grads_seq(np.float32, 10):
+        GQ = {k: cp.asarray(v) for k, v in G.items()}
+        assert abs(clip_grad_norm(G, 1.0) - clip_grad_norm(GQ, 1.0)) < 1e-4
+        a.step(G)
+        b.step(GQ)
+    assert all(Q[k].dtype == np.float32 for k in Q)
+    assert _rel({k: to_host(v) for k, v in Q.items()}, P) < 1e-5
