@@ -16,22 +16,25 @@ def forward(logits: Any, targets: Any, ignore_index: int = -100) -> tuple[float,
         bad = int(tgt[(tgt < 0) | (tgt >= V)][0])
         raise ValueError(f"target id {bad} is out of range for a vocabulary of {V} (and is not ignore_index={ignore_index})")
     z = logits - logits.max(axis=-1, keepdims=True)          # shifted logits: exp cannot overflow
-    lse = xp.log(xp.exp(z).sum(axis=-1))                     # (N,)
-    nll = lse - z[xp.arange(N), tgt]
+    z_tgt = z[xp.arange(N), tgt]                             # read before z turns into exp(z) below
+    # z is ours: exponentiate it in place (the (N, V) array is the largest of a training step, and
+    # backward needs exactly exp(z) / sum, so neither a second array nor a second exp is spent)
+    e = xp.exp(z, out=z)
+    sumexp = e.sum(axis=-1)                                  # (N,)
+    nll = xp.log(sumexp) - z_tgt
     count = valid.sum()
     loss = (nll * valid).sum() / count if int(count) else xp.asarray(float("nan"), dtype=logits.dtype)
-    return float(loss), (z, lse, tgt, valid, count)
+    return float(loss), (e, sumexp, tgt, valid, count)
 
 
 def backward(dloss: float, cache: tuple) -> Any:
-    """-> dlogits (N, V) = (softmax - onehot) * dloss / count on counted rows, 0 elsewhere. Reuses z's memory."""
-    z, lse, tgt, valid, count = cache
-    xp = get_array_module(z)
-    N = z.shape[0]
-    d = z
-    d -= lse[:, None]
-    xp.exp(d, out=d)                                         # softmax
-    d[xp.arange(N), tgt] -= 1.0
-    scale = valid.astype(z.dtype) * (dloss / max(int(count), 1))
-    d *= scale[:, None]
+    """-> dlogits (N, V) = (softmax - onehot) * dloss / count on counted rows, 0 elsewhere. Reuses exp(z)'s memory."""
+    e, sumexp, tgt, valid, count = cache
+    xp = get_array_module(e)
+    N = e.shape[0]
+    # one pass: softmax = exp(z) / sum, scaled by each row's share of the mean (0 on ignored rows)
+    scale = valid.astype(e.dtype) * (dloss / max(int(count), 1))
+    d = e
+    d *= (scale / sumexp)[:, None]
+    d[xp.arange(N), tgt] -= scale
     return d
