@@ -1,0 +1,450 @@
+"""Build a Tokenizer from what models ship: tokenizer.json, tokenizer.model, or GGUF metadata.
+
+- HF `tokenizer.json`: a BPE model (byte-level, or SentencePiece-style with byte_fallback), its
+  pre-tokenizer / normalizer / decoder and added tokens; tokenizer_config.json beside it gives
+  BOS/EOS and the chat template.
+- `tokenizer.model`: either Llama 3's tiktoken rank file (base64 token + rank per line) or a
+  SentencePiece BPE model (protobuf, read here by hand).
+- GGUF: `tokenizer.ggml.*` (model gpt2 or llama, tokens, token types, merges, scores, pre).
+Every failure is a TokenizerError that names the file and the problem.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import struct
+import warnings
+
+from .bpe import BYTE_TO_UNICODE, ByteLevelBPE, PairTable, RankPairTable, unicode_to_bytes
+from .errors import TokenizerError
+from .gguf_meta import read_gguf_metadata
+from .pretokenize import GGUF_PRE, GPT2_PATTERN, LLAMA3_PATTERN, from_hf_pretokenizer, regex_splitter
+from .sentencepiece import SPACE, ScorePairTable, SentencePieceBPE
+from .tokenizer import Tokenizer
+
+# GGUF / sentencepiece token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def load(path: str) -> Tokenizer:
+    """Pick the loader for `path`: a .gguf, tokenizer.json, tokenizer.model, or a directory with one."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            f = os.path.join(path, name)
+            if os.path.isfile(f):
+                return load(f)
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return load(os.path.join(path, ggufs[0]))
+        raise TokenizerError(f"{path}: no tokenizer.json, tokenizer.model or single .gguf file in this directory")
+    if not os.path.exists(path):
+        raise TokenizerError(f"{path}: no such file or directory")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:4] == b"GGUF" or path.endswith(".gguf"):
+        return load_gguf(path)
+    if path.endswith(".json"):
+        return load_tokenizer_json(path)
+    if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
+        return load_tiktoken(path)
+    return load_sentencepiece_model(path)
+
+
+# ---- GGUF ----------------------------------------------------------------------------------
+def load_gguf(path: str) -> Tokenizer:
+    """Tokenizer from the `tokenizer.ggml.*` metadata of a GGUF file."""
+    meta = read_gguf_metadata(path)
+    model = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if model is None or not isinstance(tokens, list) or not tokens:
+        raise TokenizerError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.model / tokens missing)")
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise TokenizerError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    ids = dict(bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_id=meta.get("tokenizer.ggml.eos_token_id"),
+               unk_id=meta.get("tokenizer.ggml.unknown_token_id"), pad_id=meta.get("tokenizer.ggml.padding_token_id"))
+    for k, v in ids.items():
+        if v is not None and not 0 <= v < len(tokens):
+            raise TokenizerError(f"{path}: {k} {v} is outside the vocabulary of {len(tokens)} tokens")
+    common = dict(chat_template=meta.get("tokenizer.chat_template"), source=path, **ids)
+    if model == "gpt2":
+        return _gguf_byte_level(path, meta, tokens, types, common)
+    if model == "llama":
+        return _gguf_sentencepiece(path, meta, tokens, types, common)
+    raise TokenizerError(f"{path}: tokenizer.ggml.model {model!r} is not supported (gpt2 and llama are)")
+
+
+def _gguf_byte_level(path, meta, tokens, types, common) -> Tokenizer:
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE:
+        warnings.warn(f"{path}: unknown tokenizer.ggml.pre {pre!r}; using GPT-2's pre-tokenizer")
+    pattern, whole = GGUF_PRE.get(pre, (GPT2_PATTERN, False))
+    token_bytes, encoder, special, added = [], {}, {}, {}
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty in (NORMAL, BYTE):
+            b = unicode_to_bytes(t)
+            if b is None:
+                b = t.encode("utf-8")
+            encoder.setdefault(b, i)
+        else:
+            b = t.encode("utf-8")
+            if ty in (CONTROL, UNKNOWN):
+                special[t] = i
+            elif ty == USER_DEFINED:
+                added[t] = i
+        token_bytes.append(b)
+    merges = meta.get("tokenizer.ggml.merges")
+    if not merges:
+        raise TokenizerError(f"{path}: byte-level GGUF vocabulary has no tokenizer.ggml.merges")
+    pairs = _pairs_from_merges(path, merges, {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (NORMAL, BYTE)})
+    bpe = ByteLevelBPE(token_bytes, pairs, regex_splitter(pattern), whole, encoder)
+    return Tokenizer(bpe, list(tokens), token_bytes, special, added,
+                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), kind="bpe", **common)
+
+
+def _pairs_from_merges(path: str, merges, token_ids: dict[str, int]) -> PairTable:
+    """HF / GGUF merges ("a b" or [a, b]) -> {(id_a, id_b): (rank, id_ab)}."""
+    pairs = PairTable()
+    get = token_ids.get
+    for rank, m in enumerate(merges):
+        a, b = _merge_pair(path, rank, m)
+        ia, ib, iab = get(a), get(b), get(a + b)
+        if ia is None or ib is None or iab is None:
+            continue  # a merge naming a token the vocabulary lacks can never fire
+        pairs.setdefault((ia, ib), (rank, iab))
+    return pairs
+
+
+def _merge_pair(path: str, rank: int, m) -> tuple[str, str]:
+    if isinstance(m, str):
+        parts = m.split(" ")
+        if len(parts) == 2:
+            return parts[0], parts[1]
+    elif isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(x, str) for x in m):
+        return m[0], m[1]
+    raise TokenizerError(f"{path}: merge #{rank} {m!r} is not a pair of tokens")
+
+
+def _gguf_sentencepiece(path, meta, tokens, types, common) -> Tokenizer:
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise TokenizerError(f"{path}: SentencePiece GGUF vocabulary needs tokenizer.ggml.scores, one per token")
+    prefix = "always" if meta.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    return _sentencepiece(path, tokens, scores, types, prefix, common,
+                          add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)))
+
+
+def _sentencepiece(path, tokens, scores, types, prefix, common, add_bos) -> Tokenizer:
+    piece_ids, special, added, token_bytes = {}, {}, {}, []
+    byte_ids = [None] * 256
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty == BYTE:
+            m = _BYTE_PIECE.fullmatch(t)
+            if m is None:
+                raise TokenizerError(f"{path}: byte token #{i} {t!r} is not of the form <0xNN>")
+            byte_ids[int(m.group(1), 16)] = i
+            token_bytes.append(bytes([int(m.group(1), 16)]))
+            continue
+        if ty in (NORMAL, USER_DEFINED):
+            piece_ids.setdefault(t, i)
+            token_bytes.append(t.replace(SPACE, " ").encode("utf-8"))
+            if ty == USER_DEFINED:
+                added[t] = i
+            continue
+        if ty in (CONTROL, UNKNOWN):
+            special[t] = i
+        token_bytes.append(t.encode("utf-8"))
+    pairs = ScorePairTable(piece_ids, list(scores))
+    bpe = SentencePieceBPE(piece_ids, pairs, byte_ids if None not in byte_ids else None, common.get("unk_id"), prefix)
+    return Tokenizer(bpe, list(tokens), token_bytes, special, added, add_bos=add_bos, kind="sentencepiece", **common)
+
+
+# ---- tokenizer.json ------------------------------------------------------------------------
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from e
+
+
+def _hf_config(path: str) -> dict:
+    """tokenizer_config.json next to `path` (BOS/EOS names, chat template), or {}."""
+    cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
+    if not os.path.isfile(cfg):
+        return {}
+    data = _read_json(cfg)
+    return data if isinstance(data, dict) else {}
+
+
+def _token_name(v):
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def _chat_template(cfg: dict):
+    t = cfg.get("chat_template")
+    if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default") or next(iter(named.values()), None)
+    return t if isinstance(t, str) else None
+
+
+def load_tokenizer_json(path: str) -> Tokenizer:
+    """Tokenizer from a Hugging Face tokenizer.json (BPE models)."""
+    return tokenizer_from_json(_read_json(path), path, _hf_config(path))
+
+
+def tokenizer_from_json(j, path: str, cfg: dict | None = None) -> Tokenizer:
+    """Tokenizer from a parsed tokenizer.json document; `path` names it in errors."""
+    if not isinstance(j, dict) or not isinstance(j.get("model"), dict):
+        raise TokenizerError(f"{path}: no 'model' object; not a tokenizer.json")
+    m = j["model"]
+    mtype = m.get("type", "BPE" if "merges" in m else None)
+    if mtype != "BPE":
+        raise TokenizerError(f"{path}: model type {mtype!r} is not supported (only BPE)")
+    vocab = m.get("vocab")
+    merges = m.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise TokenizerError(f"{path}: BPE model needs a 'vocab' object and a 'merges' list")
+    added_list = j.get("added_tokens") or []
+    size = 1 + max([int(v) for v in vocab.values()] + [int(a["id"]) for a in added_list] + [-1])
+    tokens = [None] * size
+    for t, i in vocab.items():
+        tokens[i] = t
+    special, added = {}, {}
+    for a in added_list:
+        tokens[a["id"]] = a["content"]
+        (special if a.get("special", False) else added)[a["content"]] = a["id"]
+    holes = [i for i, t in enumerate(tokens) if t is None]
+    if holes:
+        raise TokenizerError(f"{path}: ids {holes[:5]} have no token (vocab has gaps)")
+    cfg = cfg or {}
+    by_name = {t: i for i, t in enumerate(tokens)}
+
+    def named(key, fallbacks):
+        name = _token_name(cfg.get(key))
+        for n in ([name] if name else []) + fallbacks:
+            if n in by_name:
+                return by_name[n]
+        return None
+
+    common = dict(
+        bos_id=named("bos_token", ["<|begin_of_text|>", "<s>", "<|startoftext|>"]),
+        eos_id=named("eos_token", ["<|end_of_text|>", "</s>", "<|endoftext|>"]),
+        unk_id=by_name.get(m.get("unk_token")) if m.get("unk_token") else None,
+        pad_id=named("pad_token", []),
+        chat_template=_chat_template(cfg), source=path,
+    )
+    add_bos = bool(cfg.get("add_bos_token", False))
+    pre, norm, dec = j.get("pre_tokenizer"), j.get("normalizer"), j.get("decoder")
+    is_byte_level = "ByteLevel" in json.dumps(pre) or "ByteLevel" in json.dumps(dec)
+    try:
+        if is_byte_level:
+            return _json_byte_level(path, m, tokens, vocab, merges, special, added, pre, norm, common, add_bos)
+        return _json_sentencepiece(path, m, tokens, vocab, merges, special, added, pre, norm, common, add_bos)
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(e, TokenizerError):
+            raise
+        raise TokenizerError(f"{path}: {e}") from None
+
+
+def _json_byte_level(path, m, tokens, vocab, merges, special, added, pre, norm, common, add_bos) -> Tokenizer:
+    if norm is not None:
+        raise TokenizerError(f"{path}: normalizer {norm.get('type')!r} is not supported with a byte-level model")
+    split, _ = from_hf_pretokenizer(pre)
+    if split is None:
+        split = lambda text: [text]  # noqa: E731
+    token_bytes, encoder = [], {}
+    for i, t in enumerate(tokens):
+        b = None if (t in special or t in added) else unicode_to_bytes(t)
+        if b is None:
+            b = t.encode("utf-8")
+        elif t in vocab:
+            encoder.setdefault(b, i)
+        token_bytes.append(b)
+    pairs = _pairs_from_merges(path, merges, {t: i for t, i in vocab.items()})
+    bpe = ByteLevelBPE(token_bytes, pairs, split, bool(m.get("ignore_merges", False)), encoder)
+    return Tokenizer(bpe, tokens, token_bytes, special, added, add_bos=add_bos, kind="bpe", **common)
+
+
+def _json_sentencepiece(path, m, tokens, vocab, merges, special, added, pre, norm, common, add_bos) -> Tokenizer:
+    # Llama 2 style: spaces -> ▁ and a prefix ▁, by normalizer (Prepend + Replace) or by Metaspace
+    prefix = "never"
+    replaces = metaspace = False
+    norms = (norm.get("normalizers") if norm and norm.get("type") == "Sequence" else [norm]) if norm else []
+    for n in norms:
+        if n["type"] == "Prepend" and n.get("prepend") == SPACE:
+            prefix = "always"
+        elif n["type"] == "Replace" and n["pattern"].get("String") == " " and n.get("content") == SPACE:
+            replaces = True
+        else:
+            raise TokenizerError(f"{path}: normalizer {n['type']!r} {n.get('pattern', '')} is not supported")
+    if pre is not None:
+        if pre.get("type") != "Metaspace":
+            raise TokenizerError(f"{path}: pre_tokenizer {pre.get('type')!r} is not supported with a non-byte-level model")
+        if pre.get("split", False):
+            raise TokenizerError(f"{path}: Metaspace with split=true is not supported")
+        replaces = True
+        scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
+        prefix = {"always": "always", "first": "first", "never": "never"}[scheme]
+        metaspace = True  # unlike Prepend, Metaspace adds no '▁' to text that already starts with one
+    if not replaces:
+        raise TokenizerError(f"{path}: a non-byte-level BPE needs spaces mapped to '▁' (Replace or Metaspace)")
+    token_bytes, byte_ids = [], [None] * 256
+    fallback = bool(m.get("byte_fallback", False))
+    for i, t in enumerate(tokens):
+        bm = _BYTE_PIECE.fullmatch(t) if fallback else None
+        if bm:
+            byte_ids[int(bm.group(1), 16)] = i
+            token_bytes.append(bytes([int(bm.group(1), 16)]))
+        elif t in special:
+            token_bytes.append(t.encode("utf-8"))
+        else:
+            token_bytes.append(t.replace(SPACE, " ").encode("utf-8"))
+    pairs = PairTable()
+    for rank, mg in enumerate(merges):
+        a, b = _merge_pair(path, rank, mg)
+        if a + b in vocab:
+            pairs.setdefault((a, b), (rank, a + b))
+    piece_ids = {t: i for t, i in vocab.items() if t not in special}
+    bpe = SentencePieceBPE(piece_ids, pairs, byte_ids if fallback and None not in byte_ids else None,
+                           common["unk_id"], prefix, fuse_unk=bool(m.get("fuse_unk", False)),
+                           prefix_unless_space=metaspace)
+    return Tokenizer(bpe, tokens, token_bytes, special, added, add_bos=add_bos, kind="sentencepiece", **common)
+
+
+# ---- tokenizer.model: tiktoken rank file ---------------------------------------------------
+def llama3_special_tokens(n: int = 256) -> list[str]:
+    """Llama 3's special tokens, in id order after the 128000 ranks."""
+    head = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+            "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+    return head + [f"<|reserved_special_token_{i}|>" for i in range(5, n - 5)]
+
+
+def load_tiktoken(path: str, special_tokens: list[str] | None = None, pattern: str = LLAMA3_PATTERN) -> Tokenizer:
+    """Tokenizer from a tiktoken rank file (Llama 3's tokenizer.model): 'base64 rank' per line."""
+    ranks: dict[bytes, int] = {}
+    try:
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                except ValueError as e:
+                    raise TokenizerError(f"{path}: line {n} is not 'base64-token rank' ({e})") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from e
+    n_base = len(ranks)
+    if sorted(ranks.values()) != list(range(n_base)):
+        raise TokenizerError(f"{path}: ranks are not the numbers 0..{n_base - 1} each once")
+    token_bytes = [b""] * n_base
+    for b, r in ranks.items():
+        token_bytes[r] = b
+    cfg = _hf_config(path)
+    if special_tokens is None:
+        dec = cfg.get("added_tokens_decoder")
+        if isinstance(dec, dict) and dec:
+            by_id = {int(k): _token_name(v) for k, v in dec.items()}
+            special_tokens = [by_id.get(i, f"<|reserved_special_token_{i - n_base}|>")
+                              for i in range(n_base, max(by_id) + 1)]
+        else:
+            special_tokens = llama3_special_tokens()
+    special = {s: n_base + k for k, s in enumerate(special_tokens)}
+    token_bytes += [s.encode("utf-8") for s in special_tokens]
+    # token strings spelled in the GPT-2 alphabet, as tokenizer.json and GGUF files spell them
+    tokens = ["".join(BYTE_TO_UNICODE[x] for x in b) for b in token_bytes[:n_base]] + list(special_tokens)
+    bpe = ByteLevelBPE(token_bytes, RankPairTable(token_bytes, ranks), regex_splitter(pattern), True, ranks)
+    bos = special.get(_token_name(cfg.get("bos_token")) or "<|begin_of_text|>")
+    eos = special.get(_token_name(cfg.get("eos_token")) or "<|end_of_text|>")
+    return Tokenizer(bpe, tokens, token_bytes, special, {}, bos_id=bos, eos_id=eos, add_bos=True,
+                     chat_template=_chat_template(cfg), source=path, kind="bpe")
+
+
+# ---- tokenizer.model: SentencePiece protobuf -----------------------------------------------
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes):
+    """Yield (field number, wire type, value) of one protobuf message."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            v, pos = _varint(buf, pos)
+        elif wt == 1:
+            v, pos = buf[pos:pos + 8], pos + 8
+        elif wt == 2:
+            n, pos = _varint(buf, pos)
+            v, pos = buf[pos:pos + n], pos + n
+        elif wt == 5:
+            v, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wt}")
+        if pos > len(buf):
+            raise ValueError("message runs past the end")
+        yield num, wt, v
+
+
+def _int32(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def load_sentencepiece_model(path: str) -> Tokenizer:
+    """Tokenizer from a SentencePiece BPE model file (protobuf ModelProto), e.g. Llama 2's tokenizer.model."""
+    try:
+        with open(path, "rb") as f:
+            buf = f.read()
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from e
+    tokens, scores, types = [], [], []
+    trainer = {3: 1, 35: 0, 40: 0, 41: 1, 42: 2, 43: -1}  # model_type, byte_fallback, unk/bos/eos/pad ids
+    normalizer = {1: b"", 2: b"", 3: 1, 4: 1}  # name, charsmap, add_dummy_prefix, remove_extra_whitespaces
+    try:
+        for num, wt, v in _fields(buf):
+            if num == 1 and wt == 2:
+                piece = {1: b"", 2: b"\0\0\0\0", 3: NORMAL}
+                piece.update({n: x for n, _, x in _fields(v)})
+                tokens.append(piece[1].decode("utf-8"))
+                scores.append(struct.unpack("<f", piece[2])[0])
+                types.append(piece[3])
+            elif num == 2 and wt == 2:
+                trainer.update({n: (_int32(x) if isinstance(x, int) else x) for n, _, x in _fields(v)})
+            elif num == 3 and wt == 2:
+                normalizer.update({n: x for n, _, x in _fields(v)})
+    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        raise TokenizerError(f"{path}: not a SentencePiece model or tiktoken rank file ({e})") from None
+    if not tokens:
+        raise TokenizerError(f"{path}: not a SentencePiece model or tiktoken rank file (no pieces found)")
+    if trainer[3] != 2:
+        kind = {1: "unigram", 3: "word", 4: "char"}.get(trainer[3], str(trainer[3]))
+        raise TokenizerError(f"{path}: SentencePiece model type {kind} is not supported (only BPE)")
+    if normalizer[2] or normalizer[1] not in (b"", b"identity"):
+        raise TokenizerError(f"{path}: SentencePiece normalizer {normalizer[1].decode()!r} is not supported (only identity)")
+    if normalizer[4]:
+        raise TokenizerError(f"{path}: remove_extra_whitespaces=true is not supported")
+    n = len(tokens)
+    idx = lambda i: i if 0 <= i < n else None  # noqa: E731
+    common = dict(bos_id=idx(trainer[41]), eos_id=idx(trainer[42]), unk_id=idx(trainer[40]), pad_id=idx(trainer[43]),
+                  chat_template=_chat_template(_hf_config(path)), source=path)
+    prefix = "always" if normalizer[3] else "never"
+    return _sentencepiece(path, tokens, scores, types, prefix, common, add_bos=True)
