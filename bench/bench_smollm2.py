@@ -117,7 +117,14 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
     prefill_ids = token_ids(vocab, a.prefill, 1)
     prompt_ids = token_ids(vocab, a.prompt, 2)
     res: dict = {"side": which}
-    if which == "npllama":
+    if which == "npllama-1t":
+        # the same npllama side with its BLAS held to one thread: on a machine whose cores other
+        # processes also use, a 2-thread OpenBLAS matrix-vector product collapses (threads wait on
+        # each other's time slices); one thread does not. Not a default side: --sides npllama-1t,...
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1, user_api="blas")
+        res["blas_threads"] = 1
+    if which.startswith("npllama"):
         import npllama
         res["import_s"] = time.perf_counter() - t_imp
         t0 = time.perf_counter()
@@ -144,7 +151,8 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
         gen = None
         if importlib.util.find_spec("npllama.generate") is not None:
             # the user-facing generate() (sampling machinery, EOS handling): timed as well when present
-            gen = lambda: model.generate(np.array(prompt_ids), max_new_tokens=a.new_tokens, temperature=0.0)
+            gen = lambda: model.generate(np.array(prompt_ids), max_new_tokens=a.new_tokens, temperature=0.0,
+                                         eos_ids=())   # no early stop: the same token count as the loop
     elif which == "torch":
         import torch
         from transformers import AutoModelForCausalLM
@@ -205,6 +213,7 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
     res["peak_rss_mb"] = C.peak_rss_mb()
     # load time again in this (warm) process, after the measurements above so the peak RSS is not touched
     if which != "llama.cpp" and a.load_reps > 1:
+        which = "npllama" if which.startswith("npllama") else which
         more = [res["load_s"]]
         for _ in range(a.load_reps - 1):
             del model
@@ -275,17 +284,18 @@ def main(argv: list[str] | None = None) -> dict:
     data["load_after"] = C.other_load()
     summ = {s: summarize(r, a, ceil) for s, r in raw.items() if "skipped" not in r}
     data["summary"] = summ
-    npl = summ.get("npllama", {})
     wb = raw.get("npllama", {}).get("weight_bytes")
     if wb and "read_GBps" in ceil:
         data["decode_ceiling_tok_s"] = round(ceil["read_GBps"] * 1e9 / wb, 1)
         data["weight_mb"] = round(wb / 2**20, 1)
     # greedy tokens should agree across sides on the same weights (a sanity check of "same model")
     ref = raw.get("npllama", {}).get("tokens")
-    data["tokens_agree_with_npllama"] = {s: _agree(ref, r.get("tokens")) for s, r in raw.items() if s != "npllama"}
-    data["ratios"] = {p: {k: C.ratio(npl.get(k), summ[p].get(k)) for k in
-                          ("decode_tok_s", "prefill_tok_s", "load_s", "load_median_s", "peak_rss_mb")}
-                      for p in summ if p != "npllama" and "error" not in summ[p]}
+    data["tokens_agree_with_npllama"] = {s: _agree(ref, r.get("tokens")) for s, r in raw.items()
+                                         if s != "npllama" and "skipped" not in r}
+    keys = ("decode_tok_s", "prefill_tok_s", "load_s", "load_median_s", "peak_rss_mb")
+    data["ratios"] = {f"{n} / {p}": {k: C.ratio(summ[n].get(k), summ[p].get(k)) for k in keys}
+                      for n in ("npllama", "npllama-1t") if n in summ and "error" not in summ[n]
+                      for p in summ if not p.startswith("npllama") and "error" not in summ[p]}
     md = render(data, a)
     C.write_outputs("smollm2", data, md, a.out)
     return data
@@ -317,7 +327,7 @@ def render(d: dict, a: argparse.Namespace) -> str:
            C.md_table(["side", "load s", f"prefill-{a.prefill} tok/s",
                        f"decode tok/s ({a.prompt}+{a.new_tokens})", "of bw ceiling", "peak RSS MiB",
                        "generate() tok/s"], rows), ""]
-    rr = [[f"npllama / {p}", v.get("load_s"), v.get("prefill_tok_s"), v.get("decode_tok_s"), v.get("peak_rss_mb")]
+    rr = [[p, v.get("load_s"), v.get("prefill_tok_s"), v.get("decode_tok_s"), v.get("peak_rss_mb")]
           for p, v in d["ratios"].items()]
     if rr:
         out += ["Ratios (npllama / peer; tok/s above 1 = npllama faster, load s and RSS below 1 = npllama better):", "",

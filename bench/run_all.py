@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         script = os.path.join(C.ROOT, "bench", "bench_tokenizer.py")
         if os.path.exists(script):
             env = dict(os.environ, PYTHONPATH=C.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            p = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env)
+            targs = ["--repeats", "2", "--mb", "0.2"] if a.quick else []
+            if os.environ.get("NPLLAMA_BENCH_TINY"):      # the smoke test: machinery only
+                targs = ["--repeats", "1", "--mb", "0.01"]
+            p = subprocess.run([sys.executable, script] + targs, capture_output=True, text=True, env=env)
             text = p.stdout.strip() if p.returncode == 0 else f"bench_tokenizer.py failed (exit {p.returncode}): " \
                 + (p.stderr or p.stdout).strip()[-800:]
             print(text)

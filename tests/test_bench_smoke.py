@@ -35,7 +35,7 @@ def test_smollm2_machinery_on_a_tiny_model(bench_env):
     from npllama.config import LlamaConfig
     hf = bench_env / "tiny"
     Llama.init(LlamaConfig.from_dict(TINY), seed=0).save_pretrained(str(hf))
-    sides = "npllama,torch,llama.cpp" if HAVE_TORCH else "npllama,llama.cpp"
+    sides = "npllama,npllama-1t,torch,llama.cpp" if HAVE_TORCH else "npllama,npllama-1t,llama.cpp"
     d = bench_smollm2.main(["--hf-dir", str(hf), "--reps", "1", "--load-reps", "2", "--prefill", "8",
                             "--prompt", "4", "--new-tokens", "3", "--sides", sides, "--no-retry",
                             "--out", str(bench_env / "out")])
@@ -48,7 +48,7 @@ def test_smollm2_machinery_on_a_tiny_model(bench_env):
         assert "error" not in d["summary"]["torch"], d["summary"]["torch"]
         # same weights, same greedy decoding: the two sides agree on the tokens
         assert d["tokens_agree_with_npllama"]["torch"] == "first 3 of 3 identical"
-        assert d["ratios"]["torch"]["decode_tok_s"] is not None
+        assert d["ratios"]["npllama / torch"]["decode_tok_s"] is not None
     assert "load" in d["raw"]["npllama"] and "read_GBps" in d["ceilings"]
     out = bench_env / "out"
     assert json.loads((out / "smollm2.json").read_text())["summary"]
