@@ -1,0 +1,118 @@
+"""The benchmark scripts still run: one tiny iteration of each one's machinery (no timing asserted).
+
+Tiny random models, a few tokens, every side in its own process as in a real run. The PyTorch
+side runs when torch is installed; the llama.cpp side needs the real SmolLM2 weights and is
+skipped here (its code path is exercised by `python bench/run_all.py` where llama-cpp-python exists).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": True}
+HAVE_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+
+@pytest.fixture()
+def bench_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPLLAMA_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NPLLAMA_BENCH_TINY", "1")
+    return tmp_path
+
+
+def test_smollm2_machinery_on_a_tiny_model(bench_env):
+    import bench_smollm2
+    from npllama import Llama
+    from npllama.config import LlamaConfig
+    hf = bench_env / "tiny"
+    Llama.init(LlamaConfig.from_dict(TINY), seed=0).save_pretrained(str(hf))
+    sides = "npllama,npllama-1t,torch,llama.cpp" if HAVE_TORCH else "npllama,npllama-1t,llama.cpp"
+    d = bench_smollm2.main(["--hf-dir", str(hf), "--reps", "1", "--load-reps", "2", "--prefill", "8",
+                            "--prompt", "4", "--new-tokens", "3", "--sides", sides, "--no-retry",
+                            "--out", str(bench_env / "out")])
+    s = d["summary"]["npllama"]
+    assert "error" not in s, s
+    assert s["decode_tok_s"] > 0 and s["prefill_tok_s"] > 0 and s["peak_rss_mb"] > 0
+    assert "skipped" in d["raw"]["llama.cpp"]                 # no F32 GGUF for a tiny model
+    assert len(d["raw"]["npllama"]["tokens"]) == 3
+    if HAVE_TORCH:
+        assert "error" not in d["summary"]["torch"], d["summary"]["torch"]
+        # same weights, same greedy decoding: the two sides agree on the tokens
+        assert d["tokens_agree_with_npllama"]["torch"] == "first 3 of 3 identical"
+        assert d["ratios"]["npllama / torch"]["decode_tok_s"] is not None
+    assert "load" in d["raw"]["npllama"] and "read_GBps" in d["ceilings"]
+    out = bench_env / "out"
+    assert json.loads((out / "smollm2.json").read_text())["summary"]
+    assert "| npllama |" in (out / "smollm2.md").read_text()
+
+
+def test_train_step_machinery_on_a_tiny_model(bench_env):
+    import bench_train_step
+    sides = "npllama,torch" if HAVE_TORCH else "npllama"
+    d = bench_train_step.main(["--config", json.dumps(TINY), "--batch", "2", "--seq", "8", "--steps", "1",
+                               "--dtypes", "float32,float64", "--sides", sides, "--no-retry",
+                               "--out", str(bench_env / "out")])
+    for dt in ("float32", "float64"):
+        s = d["summary"][f"npllama {dt}"]
+        assert "error" not in s, s
+        assert s["tok_s"] > 0
+        if HAVE_TORCH:
+            t = d["summary"][f"torch {dt}"]
+            assert "error" not in t, t
+            # same weights and batch: the first loss (before any update) agrees
+            assert abs(s["first_loss"] - t["first_loss"]) < 1e-4
+    assert (bench_env / "out" / "train_step.md").exists()
+
+
+def test_numpy_adamw_stand_in_matches_the_formula():
+    """The bench's stand-in optimizer (used only until npllama's own lands) is torch's AdamW update."""
+    import numpy as np
+    from bench_train_step import NumpyAdamW
+    p = {"w": np.array([1.0, -2.0])}
+    g = {"w": np.array([0.5, 0.25])}
+    opt = NumpyAdamW(p, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    opt.step(g)
+    # step 1: m_hat = g, v_hat = g^2, so the update is lr * sign(g) (up to eps) after decay
+    expect = np.array([1.0, -2.0]) * (1 - 0.01) - 0.1 * g["w"] / (np.abs(g["w"]) + 1e-8)
+    np.testing.assert_allclose(p["w"], expect, rtol=1e-12)
+
+
+def test_run_all_reports_the_tokenizer_bench_or_its_absence(bench_env):
+    import run_all
+    assert run_all.main(["tokenizer", "--out", str(bench_env / "out")]) == 0
+    text = (bench_env / "out" / "all.md").read_text()
+    assert "Tokenizer" in text
+
+
+def test_f32_gguf_writer_keeps_metadata_and_dequantizes(tmp_path):
+    """write_f32_gguf on a small made-up GGUF: metadata copied, a quantized tensor comes back as F32."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from bench_smollm2 import write_f32_gguf
+    src, dst = str(tmp_path / "q.gguf"), str(tmp_path / "f32.gguf")
+    w = gguf.GGUFWriter(src, "llama")
+    w.add_block_count(1)
+    w.add_token_list(["a", "b"])
+    a = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    w.add_tensor("t.weight", gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    write_f32_gguf(src, dst)
+    r = gguf.GGUFReader(dst)
+    assert r.fields["llama.block_count"].contents() == 1
+    assert r.fields["tokenizer.ggml.tokens"].contents() == ["a", "b"]
+    t = r.tensors[0]
+    assert t.tensor_type == gguf.GGMLQuantizationType.F32
+    np.testing.assert_allclose(np.asarray(t.data).reshape(4, 64), a, atol=0.05)
