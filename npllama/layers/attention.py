@@ -39,6 +39,8 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
         kbuf[:B, :, start_pos:S] = k
         vbuf[:B, :, start_pos:S] = v
         k, v = kbuf[:B, :, :S], vbuf[:B, :, :S]                              # (B, KV, S, hd)
+        if T > 1:  # a prefill's big matmuls run faster on packed K/V; one decoded token's would not repay the copy
+            k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)
     qg = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
 
     if kf := fused_kernels(x, fused):                                        # the same P in one pass
@@ -50,8 +52,9 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
         mask = xp.arange(S)[None, :] <= (start_pos + xp.arange(T))[:, None]  # (T, S)
         if key_mask is not None:
             mask = mask & key_mask[:, None, None, None, :].astype(bool)    # (B, 1, 1, T, S)
-        # a large finite negative, not -inf: a fully masked (padding) row then stays finite
-        scores = xp.where(mask, scores, xp.finfo(scores.dtype).min)
+        # a large finite negative, not -inf: a fully masked (padding) row then stays finite;
+        # written in place (no second (B, KV, G, T, S) array)
+        xp.copyto(scores, xp.finfo(scores.dtype).min, where=~mask)
         scores -= scores.max(axis=-1, keepdims=True)
         P = xp.exp(scores, out=scores)
         P /= P.sum(axis=-1, keepdims=True)
