@@ -53,6 +53,11 @@ def _tf32_scope(method: Any) -> Any:
     return wrapper
 
 
+# the projections that read the same input, stored as one matrix: (part, stacked name, members)
+_STACKED = (("self_attn.", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+            ("mlp.", "gate_up_proj", ("gate_proj", "up_proj")))
+
+
 class Llama:
     """A Llama causal LM on NumPy or CuPy; `params` are keyed and shaped as in transformers.
 
@@ -63,11 +68,7 @@ class Llama:
 
     def __init__(self, config: LlamaConfig, params: dict[str, Any], backend: str = "numpy",
                  dtype: str = "float32", fused: bool | None = None, tf32: bool = False) -> None:
-        self.config = config
-        self.xp = get_backend(backend)
-        self.dtype = resolve_dtype(dtype)
-        self.fused = (self.xp is not np) if fused is None else bool(fused)
-        self.tf32 = bool(tf32)
+        self._setup(config, backend, dtype, fused, tf32)
         expected = param_shapes(config)
         missing = [k for k in expected if k not in params]
         if missing:
@@ -78,20 +79,59 @@ class Llama:
         for k, shape in expected.items():
             if tuple(params[k].shape) != shape:
                 raise ValueError(f"parameter {k!r} has shape {list(params[k].shape)}, expected {list(shape)}")
-        # weights move to the backend once, here; nothing copies them back inside a layer
-        self.params: dict[str, Any] = {k: self._to_backend(params[k]) for k in expected}
+        # the model owns its weights: each is copied (and cast) into the storage once, here
+        for k, dst in self.params.items():
+            src = params[k]
+            if self.xp is np:
+                np.copyto(dst, to_host(src), casting="unsafe")
+            else:
+                dst[...] = self.xp.asarray(src, dtype=self.dtype)
+
+    def _setup(self, config: LlamaConfig, backend: str, dtype: str, fused: bool | None, tf32: bool) -> None:
+        self.config = config
+        self.xp = get_backend(backend)
+        self.dtype = resolve_dtype(dtype)
+        self.fused = (self.xp is not np) if fused is None else bool(fused)
+        self.tf32 = bool(tf32)
         self._rope_cache: tuple[Any, Any] | None = None
         self._graph_decoder: Any = None        # built by generate(..., cuda_graph=True), kept for reuse
+        self.params, self._stacks = self._allocate()
         # per layer: (short name, full name) pairs, so each forward picks a layer's weights by lookup
-        self._layer_keys = [{part: [(k[len(pre + part):], k) for k in expected if k.startswith(pre + part)]
+        self._layer_keys = [{part: [(k[len(pre + part):], k) for k in self.params if k.startswith(pre + part)]
                              for part in ("self_attn.", "mlp.")}
                             for pre in (f"model.layers.{i}." for i in range(config.num_hidden_layers))]
 
-    def _to_backend(self, a: Any) -> Any:
-        if self.xp is np:
-            a = to_host(a)
-            return a if a.dtype == self.dtype else a.astype(self.dtype)
-        return self.xp.asarray(a, dtype=self.dtype)
+    def _allocate(self) -> tuple[dict[str, Any], list[dict[str, list]]]:
+        """Uninitialised storage for every parameter, in the order of param_shapes.
+
+        A layer's q/k/v projections (and gate/up) are row blocks of one matrix, and their params
+        entries are views of those blocks: one matrix-vector product then does the three (or two)
+        while every weight keeps its Hugging Face name and shape, with no second copy.
+        Returns (params, stacks): stacks[i][part] lists (stacked name, matrix, [(short name, view)]).
+        """
+        c, xp = self.config, self.xp
+        shapes = param_shapes(c)
+        params: dict[str, Any] = {}
+        stacks: list[dict[str, list]] = []
+        for i in range(c.num_hidden_layers):
+            stacks.append({})
+            for part, stacked, names in _STACKED:
+                pre = f"model.layers.{i}.{part}"
+                stacks[i][part] = []
+                for kind in ("weight", "bias"):
+                    keys = [f"{pre}{n}.{kind}" for n in names]
+                    if keys[0] not in shapes:
+                        continue
+                    rows = [shapes[k][0] for k in keys]
+                    buf = xp.empty((sum(rows),) + shapes[keys[0]][1:], dtype=self.dtype)
+                    bounds = np.cumsum([0] + rows)
+                    views = [(k[len(pre):], buf[a:b]) for k, a, b in zip(keys, bounds[:-1], bounds[1:])]
+                    params.update({pre + short: v for short, v in views})
+                    stacks[i][part].append((f"{stacked}.{kind}", buf, views))
+        for k, shape in shapes.items():
+            if k not in params:
+                params[k] = xp.empty(shape, dtype=self.dtype)
+        return {k: params[k] for k in shapes}, stacks
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -109,11 +149,16 @@ class Llama:
         if not os.path.isdir(path):
             raise WeightsError(f"{path}: not a model directory or .gguf file")
         config = LlamaConfig.from_json(os.path.join(path, "config.json"))
-        expected = param_shapes(config)
         # transformers may write lm_head.weight even when tied; it is the same tensor, so it is not needed
         optional = ["lm_head.weight"] if config.tie_word_embeddings else []
-        params = load_params(path, expected, resolve_dtype(dtype), optional=optional)
-        return cls(config, params, backend=backend, dtype=dtype, fused=fused, tf32=tf32)
+        if get_backend(backend) is not np:
+            params = load_params(path, param_shapes(config), resolve_dtype(dtype), optional=optional)
+            return cls(config, params, backend=backend, dtype=dtype, fused=fused, tf32=tf32)
+        # on the host the file is read straight into the model's storage: no mapped copy stays resident
+        model = cls.__new__(cls)
+        model._setup(config, backend, dtype, fused, tf32)
+        load_params(path, param_shapes(config), model.dtype, optional=optional, out=model.params)
+        return model
 
     @classmethod
     def init(cls, config: LlamaConfig, seed: int = 0, dtype: str = "float32", backend: str = "numpy",
@@ -242,6 +287,8 @@ class Llama:
             x = x + m
             if keep:
                 caches.append((cn1, ca, cn2, cm))
+            # inference keeps nothing: free this layer's activations before the next layer makes its own
+            del h, a, m, cn1, ca, cn2, cm
         if last_only:
             x = x[:, -1:]
         h, cn = rmsnorm.forward(x, p["model.norm.weight"], c.rms_norm_eps, fused)
@@ -250,7 +297,12 @@ class Llama:
         return logits, caches if keep else []
 
     def _layer(self, i: int, part: str) -> dict[str, Any]:
-        return {short: self.params[full] for short, full in self._layer_keys[i][part]}
+        p = {short: self.params[full] for short, full in self._layer_keys[i][part]}
+        for stacked, buf, views in self._stacks[i][part]:
+            # offered to the layer only while params still holds the views (a rebound entry wins)
+            if all(p[short] is v for short, v in views):
+                p[stacked] = buf
+        return p
 
     def _lm_head(self) -> Any:
         return self.params["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]

@@ -96,6 +96,31 @@ class SafetensorsFile:
         return arr.astype(dtype)
 
 
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Read a float tensor into `out` (its shape; any float dtype) with file reads: nothing stays mapped."""
+        info = self.header[name]
+        dt = info["dtype"]
+        if dt not in _DTYPES:
+            raise WeightsError(f"{self.path}: tensor {name!r} has dtype {dt}, which npllama cannot read "
+                               f"(supported: {', '.join(_DTYPES)})")
+        if dt not in _FLOAT:
+            raise WeightsError(f"{self.path}: tensor {name!r} has dtype {dt}, expected a float tensor")
+        a, b = info["data_offsets"]
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + a)
+            if dt != "BF16" and out.dtype == _DTYPES[dt] and out.flags.c_contiguous:
+                n = f.readinto(memoryview(out).cast("B"))
+            else:
+                raw = np.empty(b - a, dtype=np.uint8)
+                n = f.readinto(memoryview(raw))
+                if dt == "BF16":
+                    raw = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+                np.copyto(out, raw.view(_DTYPES[dt] if dt != "BF16" else np.float32).reshape(out.shape),
+                          casting="unsafe")
+        if n != b - a:  # the file shrank since its header was read
+            raise WeightsError(f"{self.path}: truncated file: tensor {name!r} is cut short")
+
+
 def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
     """Map tensor name -> the file holding it, for a dir (single file or sharded index) or a .safetensors path."""
     if os.path.isfile(path):
@@ -126,9 +151,13 @@ def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
     raise WeightsError(f"{path}: no model.safetensors or model.safetensors.index.json found")
 
 
-def load_params(path: str, expected: dict[str, tuple[int, ...]], dtype: Any,
-                optional: Iterable[str] = ()) -> dict[str, np.ndarray]:
-    """Read every expected tensor (name -> shape) at `dtype`; errors name the missing, unexpected or misshapen tensor."""
+def load_params(path: str, expected: dict[str, tuple[int, ...]], dtype: Any, optional: Iterable[str] = (),
+                out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Read every expected tensor (name -> shape) at `dtype`; errors name the missing, unexpected or misshapen tensor.
+
+    Without `out`, tensors are views of the mapped files (widened copies where the dtype differs);
+    with `out` (name -> preallocated host array), each is read into its array, which is returned.
+    """
     files = open_checkpoint(path)
     optional = set(optional)
     ignorable = lambda k: k.endswith("rotary_emb.inv_freq")  # old exports saved this buffer
@@ -141,14 +170,15 @@ def load_params(path: str, expected: dict[str, tuple[int, ...]], dtype: Any,
     if missing:
         raise WeightsError(f"{path}: missing tensor {missing[0]!r}"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    params = {}
-    for name, shape in expected.items():
-        f = files[name]
-        found = f.shape(name)
+    for name, shape in expected.items():  # every shape is checked before a byte is read
+        found = files[name].shape(name)
         if found != tuple(shape):
-            raise WeightsError(f"{f.path}: tensor {name!r} has shape {list(found)}, expected {list(shape)}")
-        params[name] = f.get(name, dtype)
-    return params
+            raise WeightsError(f"{files[name].path}: tensor {name!r} has shape {list(found)}, expected {list(shape)}")
+    if out is not None:
+        for name in expected:
+            files[name].read_into(name, out[name])
+        return out
+    return {name: files[name].get(name, dtype) for name in expected}
 
 
 def save_file(tensors: dict[str, Any], path: str, metadata: dict[str, str] | None = None) -> None:

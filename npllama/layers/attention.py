@@ -18,7 +18,8 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
             fused: bool = False) -> tuple[Any, tuple]:
     """x (B, T, D) -> y (B, T, D).
 
-    p: this layer's weights, keyed 'q_proj.weight', 'q_proj.bias' (optional), ... 'o_proj.weight'.
+    p: this layer's weights, keyed 'q_proj.weight', 'q_proj.bias' (optional), ... 'o_proj.weight';
+       with 'qkv_proj.weight' (q, k, v stacked by rows; + 'qkv_proj.bias') one product does all three.
     kv: preallocated (k, v) buffers (B', n_kv, S_max, hd); this call writes positions
         [start_pos, start_pos + T) and attends to [0, start_pos + T).
     key_mask: optional bool (B, start_pos + T), False for padding slots that no query may see.
@@ -27,11 +28,19 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
     xp = get_array_module(x)
     B, T, _ = x.shape
     H, KV, hd, G = n_heads, n_kv, head_dim, n_heads // n_kv
-    q, cq = linear.forward(x, p["q_proj.weight"], p.get("q_proj.bias"))
-    k, ck = linear.forward(x, p["k_proj.weight"], p.get("k_proj.bias"))
-    v, cv = linear.forward(x, p["v_proj.weight"], p.get("v_proj.bias"))
-    q = rope.apply(q.reshape(B, T, H, hd), cos, sin, fused)
-    k = rope.apply(k.reshape(B, T, KV, hd), cos, sin, fused).transpose(0, 2, 1, 3)   # (B, KV, T, hd)
+    if "qkv_proj.weight" in p:
+        qkv, cqkv = linear.forward(x, p["qkv_proj.weight"], p.get("qkv_proj.bias"))   # (B, T, (H + 2 KV) hd)
+        qk = rope.apply(qkv[..., :(H + KV) * hd].reshape(B, T, H + KV, hd), cos, sin, fused)  # one rotation
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[..., (H + KV) * hd:]
+        cin: tuple = (cqkv,)
+    else:
+        q, cq = linear.forward(x, p["q_proj.weight"], p.get("q_proj.bias"))
+        k, ck = linear.forward(x, p["k_proj.weight"], p.get("k_proj.bias"))
+        v, cv = linear.forward(x, p["v_proj.weight"], p.get("v_proj.bias"))
+        q = rope.apply(q.reshape(B, T, H, hd), cos, sin, fused)
+        k = rope.apply(k.reshape(B, T, KV, hd), cos, sin, fused)
+        cin = (cq, ck, cv)
+    k = k.transpose(0, 2, 1, 3)                                              # (B, KV, T, hd)
     v = v.reshape(B, T, KV, hd).transpose(0, 2, 1, 3)                        # (B, KV, T, hd)
     S = start_pos + T
     if kv is not None:
@@ -48,25 +57,26 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
     else:
         scores = (qg @ k.transpose(0, 1, 3, 2)) * (hd ** -0.5)              # (B, KV, G*T, S)
         scores = scores.reshape(B, KV, G, T, S)
-        # query t sits at position start_pos + t and may see keys 0 .. start_pos + t
-        mask = xp.arange(S)[None, :] <= (start_pos + xp.arange(T))[:, None]  # (T, S)
-        if key_mask is not None:
-            mask = mask & key_mask[:, None, None, None, :].astype(bool)    # (B, 1, 1, T, S)
-        # a large finite negative, not -inf: a fully masked (padding) row then stays finite;
-        # written in place (no second (B, KV, G, T, S) array)
-        xp.copyto(scores, xp.finfo(scores.dtype).min, where=~mask)
+        if T > 1 or key_mask is not None:  # one new query sees every key so far: nothing to mask
+            # query t sits at position start_pos + t and may see keys 0 .. start_pos + t
+            mask = xp.arange(S)[None, :] <= (start_pos + xp.arange(T))[:, None]  # (T, S)
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, None, None, :].astype(bool)    # (B, 1, 1, T, S)
+            # a large finite negative, not -inf: a fully masked (padding) row then stays finite;
+            # written in place (no second (B, KV, G, T, S) array)
+            xp.copyto(scores, xp.finfo(scores.dtype).min, where=~mask)
         scores -= scores.max(axis=-1, keepdims=True)
         P = xp.exp(scores, out=scores)
         P /= P.sum(axis=-1, keepdims=True)
         P = P.reshape(B, KV, G * T, S)
     out = (P @ v).reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
     y, co = linear.forward(out, p["o_proj.weight"], p.get("o_proj.bias"))
-    return y, (cq, ck, cv, co, cos, sin, qg, k, v, P, (B, T, H, KV, hd))
+    return y, (cin, co, cos, sin, qg, k, v, P, (B, T, H, KV, hd))
 
 
 def backward(dy: Any, cache: tuple, fused: bool = False) -> tuple[Any, dict[str, Any]]:
     """-> dx (B, T, D), grads keyed like p. Only for calls without a KV cache (training)."""
-    cq, ck, cv, co, cos, sin, qg, k, v, P, (B, T, H, KV, hd) = cache
+    cin, co, cos, sin, qg, k, v, P, (B, T, H, KV, hd) = cache
     G = H // KV
     grads: dict[str, Any] = {}
     dout, grads["o_proj.weight"], db = linear.backward(dy, co)
@@ -89,10 +99,4 @@ def backward(dy: Any, cache: tuple, fused: bool = False) -> tuple[Any, dict[str,
     dq = rope.apply_backward(dq, cos, sin, fused).reshape(B, T, H * hd)
     dk = rope.apply_backward(dk.transpose(0, 2, 1, 3), cos, sin, fused).reshape(B, T, KV * hd)
     dv = dv.transpose(0, 2, 1, 3).reshape(B, T, KV * hd)
-    dx = None
-    for name, d, c in (("q_proj", dq, cq), ("k_proj", dk, ck), ("v_proj", dv, cv)):
-        dxi, grads[f"{name}.weight"], db = linear.backward(d, c)
-        if db is not None:
-            grads[f"{name}.bias"] = db
-        dx = dxi if dx is None else dx + dxi
-    return dx, grads
+    return linear.backward_split(("q_proj", "k_proj", "v_proj"), (dq, dk, dv), cin, grads), grads

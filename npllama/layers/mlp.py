@@ -8,10 +8,20 @@ from npllama.layers import linear
 
 
 def forward(x: Any, p: dict[str, Any], fused: bool = False) -> tuple[Any, tuple]:
-    """x (B, T, D) -> y (B, T, D); p keyed 'gate_proj.weight', 'up_proj.weight', 'down_proj.weight' (+ biases)."""
+    """x (B, T, D) -> y (B, T, D); p keyed 'gate_proj.weight', 'up_proj.weight', 'down_proj.weight' (+ biases).
+
+    With 'gate_up_proj.weight' (gate and up stacked by rows; + 'gate_up_proj.bias') one product does both.
+    """
     xp = get_array_module(x)
-    g, cg = linear.forward(x, p["gate_proj.weight"], p.get("gate_proj.bias"))   # (B, T, I)
-    u, cu = linear.forward(x, p["up_proj.weight"], p.get("up_proj.bias"))       # (B, T, I)
+    if "gate_up_proj.weight" in p:
+        gu, cgu = linear.forward(x, p["gate_up_proj.weight"], p.get("gate_up_proj.bias"))   # (B, T, 2 I)
+        I = gu.shape[-1] // 2
+        g, u = gu[..., :I], gu[..., I:]
+        cin: tuple = (cgu,)
+    else:
+        g, cg = linear.forward(x, p["gate_proj.weight"], p.get("gate_proj.bias"))   # (B, T, I)
+        u, cu = linear.forward(x, p["up_proj.weight"], p.get("up_proj.bias"))       # (B, T, I)
+        cin = (cg, cu)
     if k := fused_kernels(x, fused):
         s, a, h = k.swiglu_forward(g, u)
     else:
@@ -19,12 +29,12 @@ def forward(x: Any, p: dict[str, Any], fused: bool = False) -> tuple[Any, tuple]
         a = g * s                                                                # silu(g)
         h = a * u
     y, cd = linear.forward(h, p["down_proj.weight"], p.get("down_proj.bias"))
-    return y, (cg, cu, cd, g, s, u, a)
+    return y, (cin, cd, g, s, u, a)
 
 
 def backward(dy: Any, cache: tuple, fused: bool = False) -> tuple[Any, dict[str, Any]]:
     """-> dx (B, T, D), grads keyed like p."""
-    cg, cu, cd, g, s, u, a = cache
+    cin, cd, g, s, u, a = cache
     grads: dict[str, Any] = {}
     dh, grads["down_proj.weight"], db = linear.backward(dy, cd)
     if db is not None:
@@ -34,10 +44,4 @@ def backward(dy: Any, cache: tuple, fused: bool = False) -> tuple[Any, dict[str,
     else:
         du = dh * a
         dg = dh * u * (s * (1.0 + g * (1.0 - s)))    # silu'(g) = s + g s (1 - s)
-    dx = None
-    for name, d, c in (("gate_proj", dg, cg), ("up_proj", du, cu)):
-        dxi, grads[f"{name}.weight"], db = linear.backward(d, c)
-        if db is not None:
-            grads[f"{name}.bias"] = db
-        dx = dxi if dx is None else dx + dxi
-    return dx, grads
+    return linear.backward_split(("gate_proj", "up_proj"), (dg, du), cin, grads), grads
