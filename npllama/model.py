@@ -16,6 +16,7 @@ import numpy as np
 
 from npllama.backend import backend_name, get_backend, int_range, is_cupy, resolve_dtype, tf32, to_host
 from npllama.config import LlamaConfig
+from npllama.hostmem import keep_freed_memory
 from npllama.kvcache import KVCache
 from npllama.layers import attention, embedding, linear, loss as xent, mlp, rmsnorm, rope
 
@@ -90,6 +91,8 @@ class Llama:
     def _setup(self, config: LlamaConfig, backend: str, dtype: str, fused: bool | None, tf32: bool) -> None:
         self.config = config
         self.xp = get_backend(backend)
+        if self.xp is np:
+            keep_freed_memory()                # a forward's temporaries are then reused, not page-faulted anew
         self.dtype = resolve_dtype(dtype)
         self.fused = (self.xp is not np) if fused is None else bool(fused)
         self.tf32 = bool(tf32)

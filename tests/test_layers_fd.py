@@ -74,8 +74,22 @@ def test_rope(scaling):
     check(dx, lambda: float((rope.apply(x, cos, sin) * R).sum()), x)
 
 
+def stack(p, stacked, names):
+    """The model's layout: the named projections as row blocks of one matrix, the entries views of it."""
+    for kind in ("weight", "bias"):
+        if f"{names[0]}.{kind}" in p:
+            W = np.concatenate([p[f"{n}.{kind}"] for n in names])
+            p[f"{stacked}.{kind}"] = W
+            bounds = np.cumsum([0] + [p[f"{n}.{kind}"].shape[0] for n in names])
+            for n, a, b in zip(names, bounds[:-1], bounds[1:]):
+                p[f"{n}.{kind}"] = W[a:b]
+    return p
+
+
+@pytest.mark.parametrize("stacked,block", [(False, 64), (True, 64), (True, 2)])   # 2: three query blocks
 @pytest.mark.parametrize("H,KV,bias", [(4, 4, False), (4, 2, True), (6, 1, False)])
-def test_attention_block(H, KV, bias):
+def test_attention_block(H, KV, bias, stacked, block, monkeypatch):
+    monkeypatch.setattr(attention, "BLOCK", block)
     D, hd, B, T = 12, 4, 2, 5
     cfg = LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
                       num_key_value_heads=KV, head_dim=hd, vocab_size=5)
@@ -86,27 +100,33 @@ def test_attention_block(H, KV, bias):
         for n, k in (("q_proj", H), ("k_proj", KV), ("v_proj", KV)):
             p[n + ".bias"] = rng.standard_normal(k * hd)
         p["o_proj.bias"] = rng.standard_normal(D)
+    if stacked:
+        p = stack(p, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
     x = rng.standard_normal((B, T, D))
     R = rng.standard_normal((B, T, D))
     f = lambda: float((attention.forward(x, p, cos, sin, H, KV, hd)[0] * R).sum())
     dx, grads = attention.backward(R, attention.forward(x, p, cos, sin, H, KV, hd)[1])
     check(dx, f, x, n_samples=40)
-    assert set(grads) == set(p)
-    for k in p:
-        check(grads[k], f, p[k], n_samples=25)
+    assert set(grads) == {k for k in p if not k.startswith("qkv_proj")}
+    for k in grads:
+        check(grads[k], f, p[k], n_samples=25)   # perturbing a view perturbs the stacked matrix
 
 
-def test_mlp_with_bias():
+@pytest.mark.parametrize("stacked", [False, True])
+def test_mlp_with_bias(stacked):
     D, I = 6, 10
     p = {"gate_proj.weight": rng.standard_normal((I, D)), "up_proj.weight": rng.standard_normal((I, D)),
          "down_proj.weight": rng.standard_normal((D, I)), "gate_proj.bias": rng.standard_normal(I),
          "up_proj.bias": rng.standard_normal(I), "down_proj.bias": rng.standard_normal(D)}
+    if stacked:
+        p = stack(p, "gate_up_proj", ("gate_proj", "up_proj"))
     x = rng.standard_normal((2, 3, D))
     R = rng.standard_normal((2, 3, D))
     f = lambda: float((mlp.forward(x, p)[0] * R).sum())
     dx, grads = mlp.backward(R, mlp.forward(x, p)[1])
     check(dx, f, x)
-    for k in p:
+    assert set(grads) == {k for k in p if not k.startswith("gate_up_proj")}
+    for k in grads:
         check(grads[k], f, p[k], n_samples=30)
 
 

@@ -83,15 +83,17 @@ _SOFTMAX_SOURCE = r"""
 #define NT 256
 extern "C" {
 """ + BLOCK_REDUCE + r"""
-// One block per row of scores (B, KV, G*T, S), in place: P = softmax of scores * scale over the keys the
-// row's query may see (key j <= start_pos + t, and km[b, j] when has_mask), 0 for the others. A row
-// that may see no key gets 1/S everywhere, as the plain code's large finite mask value gives.
+// One block per row of scores (B, KV, n*G, S), in place: P = softmax of scores * scale over the keys the
+// row's query may see (key j <= start_pos + t, and km[b, j] when has_mask), 0 for the others. Rows run
+// over (t, g) for the queries t = t0 .. t0 + n - 1 (a block of layers.attention). A row that may see no
+// key gets 1/S everywhere, as the plain code's large finite mask value gives.
 __global__ void causal_softmax(T* __restrict__ s, const bool* __restrict__ km, int has_mask,
-                               long long rows_per_batch, int T_, int S, int start_pos, T scale) {
+                               long long rows_per_slab, int KV, int G, int t0, int S, int kms, int start_pos,
+                               T scale) {
     __shared__ T red[NT];
     const long long r = blockIdx.x;
-    const int last = start_pos + (int)(r % T_);          // rows run over (g, t): t = r mod T
-    const bool* kmb = has_mask ? km + (r / rows_per_batch) * S : km;
+    const int last = start_pos + t0 + (int)((r % rows_per_slab) / G);
+    const bool* kmb = has_mask ? km + (r / (rows_per_slab * KV)) * kms : km;
     T* row = s + r * S;
     const T lowest = (T)-3.0e38;                         // below any real score
     T m = lowest;
@@ -142,17 +144,18 @@ def _check_rows(*arrays: Any) -> None:
                              f"{'contiguous' if a.flags.c_contiguous else 'strided'}")
 
 
-def causal_softmax_(scores: Any, scale: float, start_pos: int, T: int, key_mask: Any = None) -> Any:
-    """In place on scores (B, KV, G*T, S) = q k^T (unscaled): the attention weights P that
-    layers.attention computes with its mask, max shift, exp and normalization. Returns scores."""
+def causal_softmax_(scores: Any, scale: float, start_pos: int, t0: int, G: int, key_mask: Any = None) -> Any:
+    """In place on scores (B, KV, n*G, S) = q k^T (unscaled), rows (t, g) for queries t0 .. t0 + n - 1:
+    the attention weights P that layers.attention computes with its mask, max shift, exp and
+    normalization. key_mask (B, >= S) marks real keys. Returns scores."""
     import cupy
     _check_rows(scores)
-    B, KV, GT, S = scores.shape
+    B, KV, nG, S = scores.shape
     km = cupy.zeros(1, dtype=bool) if key_mask is None else cupy.ascontiguousarray(key_mask, dtype=bool)
     fn = _softmax_module(CTYPES[scores.dtype]).get_function("causal_softmax")
-    fn((B * KV * GT,), (_SOFTMAX_THREADS,),
-       (scores, km, np.int32(key_mask is not None), np.int64(KV * GT), np.int32(T), np.int32(S),
-        np.int32(start_pos), scores.dtype.type(scale)))
+    fn((B * KV * nG,), (_SOFTMAX_THREADS,),
+       (scores, km, np.int32(key_mask is not None), np.int64(nG), np.int32(KV), np.int32(G), np.int32(t0),
+        np.int32(S), np.int32(km.shape[-1]), np.int32(start_pos), scores.dtype.type(scale)))
     return scores
 
 
