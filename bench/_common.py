@@ -237,6 +237,13 @@ def _blas_info() -> str:
         return "unknown (threadpoolctl missing)"
 
 
+def blas_note(ceil: dict) -> str:
+    """One line naming NumPy's BLAS kernels, and any OPENBLAS_* override in the environment (it changes them)."""
+    forced = ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"))
+    return (f"NumPy BLAS: {ceil.get('blas', 'unknown')}"
+            + (f", kernels forced by the environment ({forced})." if forced else ", kernels picked by OpenBLAS itself."))
+
+
 def machine_info() -> dict:
     """What ran the benchmark."""
     cpu = platform.processor()

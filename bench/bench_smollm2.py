@@ -337,6 +337,7 @@ def render(d: dict, a: argparse.Namespace) -> str:
                    f"{ceil['read_GBps_sum_1t']}, {ceil['cores']} threads {ceil['read_GBps_sum_nt']}, BLAS gemv "
                    f"{ceil['read_GBps_gemv']}); weights {d.get('weight_mb')} MiB/token -> decode ceiling "
                    f"{cap} tok/s; NumPy GEMM float32 {ceil.get('gemm_GFLOPs_float32')} GFLOP/s.")
+        out.append(C.blas_note(ceil))
     out.append(f"Greedy tokens vs npllama: {d['tokens_agree_with_npllama']}.")
     out.append(f"Machine load: before {d['load_before'].get('other_cores_busy')} other cores busy "
                f"(loadavg {d['load_before'].get('loadavg')}), after {d['load_after'].get('other_cores_busy')}; "

@@ -207,6 +207,8 @@ def render(d: dict, a: argparse.Namespace) -> str:
     opt = d["raw"].get("npllama float32", d["raw"].get("npllama float64", {})).get("optimizer")
     if opt:
         out.append(f"npllama optimizer: {opt}.")
+    if "blas" in d.get("ceilings", {}):
+        out.append(C.blas_note(d["ceilings"]))
     out.append(f"Machine load: before {d['load_before'].get('other_cores_busy')} other cores busy, after "
                f"{d['load_after'].get('other_cores_busy')}; " + C.load_note(d["raw"]))
     return "\n".join(out)
