@@ -86,7 +86,6 @@ def _load(args: argparse.Namespace, need_tokenizer: bool = True) -> tuple[Any, A
     model_path, tok_path = _paths(args)
     from npllama.model import Llama
     model = Llama.from_pretrained(model_path, dtype=args.dtype, backend=args.backend)
-    _touch(model.params)
     tok = None
     if need_tokenizer:
         from npllama.tokenizer import Tokenizer
@@ -95,16 +94,6 @@ def _load(args: argparse.Namespace, need_tokenizer: bool = True) -> tuple[Any, A
             raise UsageError(f"tokenizer {tok_path} has {tok.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}: pass the matching --tokenizer")
     return model, tok, time.perf_counter() - t0
-
-
-def _touch(params: dict[str, Any]) -> None:
-    """Read one value per 4 KiB page of every weight, so that the load time (not the first token) pays for
-    bringing a memory-mapped safetensors file in from disk."""
-    import numpy as np
-    for a in params.values():
-        if isinstance(a, np.ndarray) and a.base is not None and a.flags.c_contiguous:
-            flat = a.reshape(-1)
-            float(flat[::max(1, 4096 // a.itemsize)].sum())
 
 
 def _eos_ids(model: Any, tok: Any) -> list[int]:

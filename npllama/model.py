@@ -65,6 +65,9 @@ class Llama:
     fused: use the fused CUDA kernels (RMSNorm, RoPE, SwiGLU, attention softmax) on CuPy; default True there.
     False forces the plain array code, which is always what runs on NumPy.
     tf32: let CuPy's float32 matmuls use TF32 tensor cores (faster, ~1e-3 relative error); off by default.
+
+    The model keeps its own copy of the weights (see _allocate: q/k/v and gate/up share a matrix per layer,
+    params holds HF-named views). On NumPy it also raises glibc's malloc thresholds (npllama.hostmem).
     """
 
     def __init__(self, config: LlamaConfig, params: dict[str, Any], backend: str = "numpy",

@@ -1,4 +1,5 @@
-"""safetensors files in the Hugging Face layout: read (memory-mapped, F32/F16/BF16/F64) and write (atomically).
+"""safetensors files in the Hugging Face layout: read (F32/F16/BF16/F64, as memory-mapped views or straight
+into arrays the caller owns) and write (atomically).
 
 The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
 data_offsets}}, then the raw bytes. It is parsed here directly so that BF16 (which NumPy lacks)
