@@ -148,11 +148,9 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
                     logits = model.forward(np.array([[t]]), cache=dcache, start_pos=pos, last_only=True)
                     pos += 1
             return out
-        gen = None
-        if importlib.util.find_spec("npllama.generate") is not None:
-            # the user-facing generate() (sampling machinery, EOS handling): timed as well when present
-            gen = lambda: model.generate(np.array(prompt_ids), max_new_tokens=a.new_tokens, temperature=0.0,
-                                         eos_ids=())   # no early stop: the same token count as the loop
+        # the user-facing generate() (sampling machinery, EOS handling), timed as well
+        gen = lambda: model.generate(np.array(prompt_ids), max_new_tokens=a.new_tokens, temperature=0.0,
+                                     eos_ids=())   # no early stop: the same token count as the loop
     elif which == "torch":
         import torch
         from transformers import AutoModelForCausalLM

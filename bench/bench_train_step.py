@@ -5,8 +5,7 @@
 Model: hidden 288, intermediate 768, 6 layers, 6 heads (6 KV heads), vocab 32000, tied embeddings
 (stories15M's shape), random weights made once by transformers (seed 0) and loaded by both sides.
 One step = loss and every gradient of a batch (B x T next-token targets), then one AdamW update.
-  npllama  model.loss_and_grads + npllama's AdamW (npllama.train.optim.AdamW when importable;
-           otherwise a plain NumPy AdamW stand-in in this file, labelled as such in the output)
+  npllama  model.loss_and_grads + npllama.train.optim.AdamW
   torch    LlamaForCausalLM (eager mode, transformers' default attention), F.cross_entropy on the
            logits, loss.backward(), torch.optim.AdamW
 Each (side, dtype) runs in its own process: its peak RSS is its own. Reported: median step time over
@@ -47,40 +46,6 @@ def prepare(cache: str, config: dict, name: str = "stories15m-random") -> str:
     return path
 
 
-class NumpyAdamW:
-    """Stand-in used only while npllama.train.optim is not on this branch: torch.optim.AdamW's update.
-
-    p -= lr * wd * p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
-    p -= lr / (1-b1^t) * m / (sqrt(v / (1-b2^t)) + eps)      -- all in place, in the params' dtype
-    """
-
-    def __init__(self, params: dict, lr: float, betas: tuple, eps: float, weight_decay: float) -> None:
-        import numpy as np
-        self.params, self.lr, self.betas, self.eps, self.wd, self.t = params, lr, betas, eps, weight_decay, 0
-        self.m = {k: np.zeros_like(p) for k, p in params.items()}
-        self.v = {k: np.zeros_like(p) for k, p in params.items()}
-
-    def step(self, grads: dict) -> None:
-        import numpy as np
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for k, p in self.params.items():
-            g, m, v = grads[k], self.m[k], self.v[k]
-            p *= 1 - self.lr * self.wd
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            g = g * g
-            g *= 1 - b2
-            v += g
-            den = np.sqrt(v / c2, out=g)
-            den += self.eps
-            np.divide(m, den, out=den)
-            den *= self.lr / c1
-            p -= den
-
-
 def side(which: str, path: str, dtype: str, a: argparse.Namespace) -> dict:
     import numpy as np
     rng = np.random.default_rng(0)
@@ -91,12 +56,8 @@ def side(which: str, path: str, dtype: str, a: argparse.Namespace) -> dict:
     if which == "npllama":
         import npllama
         model = npllama.Llama.from_pretrained(path, dtype=dtype)
-        try:
-            from npllama.train.optim import AdamW
-            res["optimizer"] = "npllama.train.optim.AdamW"
-        except ImportError:
-            AdamW = NumpyAdamW
-            res["optimizer"] = "bench stand-in NumpyAdamW (npllama.train.optim not on this branch)"
+        from npllama.train.optim import AdamW
+        res["optimizer"] = "npllama.train.optim.AdamW"
         opt = AdamW(model.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
 
         def step() -> float:

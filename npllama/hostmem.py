@@ -28,7 +28,7 @@ def keep_freed_memory() -> bool:
         if os.environ.get("NPLLAMA_MALLOC_TUNING", "1") != "0":
             try:
                 mallopt = ctypes.CDLL(None).mallopt     # glibc only: musl and macOS have no mallopt
-            except (AttributeError, OSError):
+            except (AttributeError, OSError, TypeError):   # TypeError: Windows has no CDLL(None)
                 return False
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(

@@ -73,19 +73,6 @@ def test_train_step_machinery_on_a_tiny_model(bench_env):
     assert (bench_env / "out" / "train_step.md").exists()
 
 
-def test_numpy_adamw_stand_in_matches_the_formula():
-    """The bench's stand-in optimizer (used only until npllama's own lands) is torch's AdamW update."""
-    import numpy as np
-    from bench_train_step import NumpyAdamW
-    p = {"w": np.array([1.0, -2.0])}
-    g = {"w": np.array([0.5, 0.25])}
-    opt = NumpyAdamW(p, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
-    opt.step(g)
-    # step 1: m_hat = g, v_hat = g^2, so the update is lr * sign(g) (up to eps) after decay
-    expect = np.array([1.0, -2.0]) * (1 - 0.01) - 0.1 * g["w"] / (np.abs(g["w"]) + 1e-8)
-    np.testing.assert_allclose(p["w"], expect, rtol=1e-12)
-
-
 def test_run_all_reports_the_tokenizer_bench_or_its_absence(bench_env):
     import run_all
     assert run_all.main(["tokenizer", "--out", str(bench_env / "out")]) == 0
