@@ -73,7 +73,15 @@ class Llama:
     def __init__(self, config: LlamaConfig, params: dict[str, Any], backend: str = "numpy",
                  dtype: str = "float32", fused: bool | None = None, tf32: bool = False) -> None:
         self._setup(config, backend, dtype, fused, tf32)
-        expected = param_shapes(config)
+        self._fill(params)
+
+    def _fill(self, params: dict[str, Any], consume: bool = False) -> None:
+        """Check `params` against the config, then copy (and cast) each into the model's storage.
+
+        consume: pop each entry once copied, so a loader's temporary arrays go one at a time
+        and the weights never exist twice in full.
+        """
+        expected = param_shapes(self.config)
         missing = [k for k in expected if k not in params]
         if missing:
             raise KeyError(f"missing parameter {missing[0]!r}")
@@ -83,13 +91,13 @@ class Llama:
         for k, shape in expected.items():
             if tuple(params[k].shape) != shape:
                 raise ValueError(f"parameter {k!r} has shape {list(params[k].shape)}, expected {list(shape)}")
-        # the model owns its weights: each is copied (and cast) into the storage once, here
         for k, dst in self.params.items():
-            src = params[k]
+            src = params.pop(k) if consume else params[k]
             if self.xp is np:
                 np.copyto(dst, to_host(src), casting="unsafe")
             else:
                 dst[...] = self.xp.asarray(src, dtype=self.dtype)
+            del src
 
     def _setup(self, config: LlamaConfig, backend: str, dtype: str, fused: bool | None, tf32: bool) -> None:
         self.config = config
@@ -147,23 +155,25 @@ class Llama:
         path = os.fspath(path)
         resolve_dtype(dtype)
         get_backend(backend)  # fail on a bad backend before reading gigabytes
+        model = cls.__new__(cls)
         if path.endswith(".gguf"):
             from npllama.io.gguf import load_gguf
             config, params = load_gguf(path)
-            return cls(config, params, backend=backend, dtype=dtype, fused=fused, tf32=tf32)
+            model._setup(config, backend, dtype, fused, tf32)
+            model._fill(params, consume=True)
+            return model
         from npllama.io.safetensors import WeightsError, load_params
         if not os.path.isdir(path):
             raise WeightsError(f"{path}: not a model directory or .gguf file")
         config = LlamaConfig.from_json(os.path.join(path, "config.json"))
         # transformers may write lm_head.weight even when tied; it is the same tensor, so it is not needed
         optional = ["lm_head.weight"] if config.tie_word_embeddings else []
-        if get_backend(backend) is not np:
-            params = load_params(path, param_shapes(config), resolve_dtype(dtype), optional=optional)
-            return cls(config, params, backend=backend, dtype=dtype, fused=fused, tf32=tf32)
-        # on the host the file is read straight into the model's storage: no mapped copy stays resident
-        model = cls.__new__(cls)
         model._setup(config, backend, dtype, fused, tf32)
-        load_params(path, param_shapes(config), model.dtype, optional=optional, out=model.params)
+        if model.xp is np:
+            # on the host the file is read straight into the model's storage: nothing stays mapped
+            load_params(path, param_shapes(config), model.dtype, optional=optional, out=model.params)
+        else:
+            model._fill(load_params(path, param_shapes(config), model.dtype, optional=optional), consume=True)
         return model
 
     @classmethod
@@ -180,7 +190,10 @@ class Llama:
                 params[name] = np.zeros(shape, dtype=dt)
             else:  # drawn in float64 so the same seed gives the same model in either dtype
                 params[name] = (rng.standard_normal(shape) * std).astype(dt)
-        return cls(config, params, backend=backend, dtype=dtype, fused=fused, tf32=tf32)
+        model = cls.__new__(cls)
+        model._setup(config, backend, dtype, fused, tf32)
+        model._fill(params, consume=True)
+        return model
 
     def save_pretrained(self, path: str) -> None:
         """Write config.json + model.safetensors (HF layout) into `path`, replacing it only when complete."""
