@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from npllama.backend import to_host
+from npllama.io.atomic import atomic_path
 from npllama.config import LlamaConfig
 
 STORE_DTYPES = {"float32": ("F32", np.float32), "float64": ("F64", np.float64), "float16": ("F16", np.float16),
@@ -47,22 +48,11 @@ def write_safetensors(tensors: dict[str, Any], path: str, dtype: str = "float32"
         header["__metadata__"] = dict(metadata)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)                       # the data starts 8-byte aligned
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
-            for b in blobs:
-                f.write(b)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an export is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, suffix=".safetensors") as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for b in blobs:
+            f.write(b)
 
 
 def save_hf(config: LlamaConfig, params: dict[str, Any], out: str, dtype: str = "float32") -> None:

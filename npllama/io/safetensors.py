@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from typing import Any, Iterable
 
 import numpy as np
 
 from npllama.backend import to_host
+from npllama.io.atomic import atomic_path
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -186,13 +186,5 @@ def save_file(tensors: dict[str, Any], path: str, metadata: dict[str, str] | Non
     """Write tensors (NumPy or CuPy) to a .safetensors file via a temp file and a rename (never half-written)."""
     from safetensors.numpy import save_file as _save
     host = {k: np.ascontiguousarray(to_host(v)) for k, v in tensors.items()}
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".safetensors") as tmp:
         _save(host, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

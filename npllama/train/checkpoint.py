@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from npllama.io.atomic import atomic_path
+
 FORMAT = "npllama-checkpoint-v1"
 
 
@@ -33,17 +35,8 @@ def _save_tensors(tensors: dict[str, Any], path: str) -> None:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _fsync_dir(path: str) -> None:

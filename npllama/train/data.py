@@ -12,10 +12,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+
+from npllama.io.atomic import atomic_path
 
 FORMAT = "npllama-tokens-v1"
 CHUNK_CHARS = 1 << 20          # encode big files in ~1 MB pieces, each ending at a line break
@@ -101,10 +102,11 @@ def build_token_file(paths: str | Iterable[str], tokenizer: Any, out: str, eos_i
     dt = token_dtype(vocab_size)
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=os.path.dirname(out))
     n = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
+    # both are written before either is renamed; the data goes into place first (the inner block ends
+    # first), then the sidecar that vouches for it
+    with atomic_path(out + ".json") as tmp_meta, atomic_path(out, suffix=".bin") as tmp:
+        with open(tmp, "wb") as f:
             for path in files:
                 for text in _chunks(path):
                     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
@@ -117,15 +119,8 @@ def build_token_file(paths: str | Iterable[str], tokenizer: Any, out: str, eos_i
                     n += 1
         meta = {"format": FORMAT, "dtype": dt.name, "num_tokens": n, "vocab_size": vocab_size,
                 "eos_id": eos, "sources": files}
-        with open(tmp + ".json", "w", encoding="utf-8") as f:
+        with open(tmp_meta, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
-        os.replace(tmp, out)                   # the data first, then the sidecar that vouches for it
-        os.replace(tmp + ".json", out + ".json")
-    except BaseException:
-        for p in (tmp, tmp + ".json"):
-            if os.path.exists(p):
-                os.remove(p)
-        raise
     return TokenFile(out)
 
 
