@@ -18,6 +18,7 @@ _LAZY = {
     "AdamW": "npllama.train.optim",
     "SGD": "npllama.train.optim",
     "get_array_module": "npllama.backend",
+    "NpllamaError": "npllama.errors",
 }
 
 __all__ = sorted(_LAZY)

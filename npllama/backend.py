@@ -11,12 +11,13 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from npllama.errors import NpllamaError
 
 BACKENDS = ("numpy", "cupy")
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
-class BackendError(RuntimeError):
+class BackendError(NpllamaError, RuntimeError):
     """A backend was asked for that cannot be used here (CuPy missing, no GPU)."""
 
 

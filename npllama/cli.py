@@ -14,11 +14,13 @@ import sys
 import time
 from typing import Any
 
+from npllama.errors import NpllamaError
+
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
+class UsageError(NpllamaError):
     """A mistake in what the user asked for; printed as one line, exit code 2."""
 
 

@@ -5,6 +5,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from npllama.errors import NpllamaError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -16,7 +17,7 @@ _ROPE_KEYS = {  # what each scaling type needs besides rope_theta
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(NpllamaError, ValueError):
     """A config.json that cannot describe a Llama model; the message names the key."""
 
 

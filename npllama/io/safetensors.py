@@ -16,13 +16,14 @@ import numpy as np
 
 from npllama.backend import to_host
 from npllama.io.atomic import atomic_path
+from npllama.errors import NpllamaError
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _FLOAT = ("F64", "F32", "F16", "BF16")
 
 
-class WeightsError(ValueError):
+class WeightsError(NpllamaError, ValueError):
     """A weights file or directory that cannot be loaded; the message names the file and the tensor."""
 
 

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from npllama.io.atomic import atomic_path
+from npllama.errors import NpllamaError
 
 FORMAT = "npllama-checkpoint-v1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(NpllamaError, RuntimeError):
     """A checkpoint that is missing, incomplete or inconsistent; the message names the file."""
 
 

@@ -17,12 +17,13 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from npllama.io.atomic import atomic_path
+from npllama.errors import NpllamaError
 
 FORMAT = "npllama-tokens-v1"
 CHUNK_CHARS = 1 << 20          # encode big files in ~1 MB pieces, each ending at a line break
 
 
-class DataError(ValueError):
+class DataError(NpllamaError, ValueError):
     """A data file or setting that cannot be used; the message names the file or the argument."""
 
 

@@ -26,9 +26,10 @@ from npllama.train.clip import clip_grad_norm, grad_norm
 from npllama.train.data import Batcher, eval_batches
 from npllama.train.optim import Optimizer, make_optimizer
 from npllama.train.schedule import Schedule
+from npllama.errors import NpllamaError
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(NpllamaError, RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the run stopped before updating."""
 
 
