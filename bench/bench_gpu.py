@@ -199,7 +199,7 @@ def _npllama_generate(model: Any, prompt: list[int], n: int, cuda_graph: bool) -
         import npllama.generate  # noqa: F401
     except ImportError:          # generation branch not merged: the same greedy loop by hand
         from npllama.backend import to_host
-        from npllama.kernels.decode import GraphDecoder
+        from npllama.fast.decode import GraphDecoder
         target = GraphDecoder(model) if cuda_graph else model
         cache = target.new_cache(1, len(prompt) + n)
         logits = target.forward(np.array([prompt]), cache=cache, last_only=True)

@@ -103,7 +103,7 @@ def fused_kernels(x: Any, fused: bool) -> ModuleType | None:
     plain array path (always the case on NumPy). Layers call this so their dispatch stays two lines."""
     if not fused or not is_cupy(x):
         return None
-    from npllama.kernels import cuda
+    from npllama.fast import cuda
     return cuda
 
 

@@ -1,7 +1,6 @@
-"""The Llama model: a config, a flat dict of parameters keyed by Hugging Face names, and the
-forward pass with its mirror-image backward, read top to bottom.
-
-    ids -> embed -> [ x += attn(rms_norm(x)); x += mlp(rms_norm(x)) ] * n_layers -> rms_norm -> lm_head -> logits
+"""The Llama model: a config, a flat dict of parameters keyed by Hugging Face names, loading, and the
+entry points (forward, loss_and_grads, generate). The math itself is `npllama.transformer`, run with the
+reference layers (`reference=True`) or the speed layer (the default).
 """
 from __future__ import annotations
 
@@ -17,8 +16,12 @@ import numpy as np
 from npllama.backend import backend_name, get_backend, int_range, is_cupy, resolve_dtype, tf32, to_host
 from npllama.config import LlamaConfig
 from npllama.hostmem import keep_freed_memory
+from npllama import transformer
+from npllama.fast import storage
+from npllama.fast.ops import FastOps
 from npllama.kvcache import KVCache
-from npllama.layers import attention, embedding, linear, loss as xent, mlp, rmsnorm, rope
+from npllama.layers import rope
+from npllama.transformer import Context, LayerWeights, ReferenceOps, Weights
 
 
 def param_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -54,25 +57,24 @@ def _tf32_scope(method: Any) -> Any:
     return wrapper
 
 
-# the projections that read the same input, stored as one matrix: (part, stacked name, members)
-_STACKED = (("self_attn.", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
-            ("mlp.", "gate_up_proj", ("gate_proj", "up_proj")))
-
-
 class Llama:
     """A Llama causal LM on NumPy or CuPy; `params` are keyed and shaped as in transformers.
 
-    fused: use the fused CUDA kernels (RMSNorm, RoPE, SwiGLU, attention softmax) on CuPy; default True there.
-    False forces the plain array code, which is always what runs on NumPy.
+    reference: run the reference layers (npllama.layers: the textbook math) with plain storage, one array
+    per HF name. The default is the speed layer (npllama.fast), equal to the reference in float64.
+    fused: use the fused CUDA kernels (RMSNorm, RoPE, SwiGLU, attention softmax) on CuPy; default True there
+    (not with reference). False forces the plain array code, which is always what runs on NumPy.
     tf32: let CuPy's float32 matmuls use TF32 tensor cores (faster, ~1e-3 relative error); off by default.
 
-    The model keeps its own copy of the weights (see _allocate: q/k/v and gate/up share a matrix per layer,
-    params holds HF-named views). On NumPy it also raises glibc's malloc thresholds (npllama.hostmem).
+    The model keeps its own copy of the weights (on the fast path q/k/v and gate/up share a matrix per
+    layer and params holds HF-named views: npllama.fast.storage). On NumPy it also raises glibc's malloc
+    thresholds (npllama.hostmem).
     """
 
     def __init__(self, config: LlamaConfig, params: dict[str, Any], backend: str = "numpy",
-                 dtype: str = "float32", fused: bool | None = None, tf32: bool = False) -> None:
-        self._setup(config, backend, dtype, fused, tf32)
+                 dtype: str = "float32", fused: bool | None = None, tf32: bool = False,
+                 reference: bool = False) -> None:
+        self._setup(config, backend, dtype, fused, tf32, reference)
         self._fill(params)
 
     def _fill(self, params: dict[str, Any], consume: bool = False) -> None:
@@ -99,58 +101,34 @@ class Llama:
                 dst[...] = self.xp.asarray(src, dtype=self.dtype)
             del src
 
-    def _setup(self, config: LlamaConfig, backend: str, dtype: str, fused: bool | None, tf32: bool) -> None:
+    def _setup(self, config: LlamaConfig, backend: str, dtype: str, fused: bool | None, tf32: bool,
+               reference: bool) -> None:
         self.config = config
         self.xp = get_backend(backend)
         if self.xp is np:
             keep_freed_memory()                # a forward's temporaries are then reused, not page-faulted anew
         self.dtype = resolve_dtype(dtype)
-        self.fused = (self.xp is not np) if fused is None else bool(fused)
+        self.reference = bool(reference)
+        self.fused = (self.xp is not np and not self.reference) if fused is None else bool(fused)
         self.tf32 = bool(tf32)
+        self.ops = ReferenceOps(config) if self.reference else FastOps(config, self.fused)
         self._rope_cache: tuple[Any, Any] | None = None
         self._graph_decoder: Any = None        # built by generate(..., cuda_graph=True), kept for reuse
-        self.params, self._stacks = self._allocate()
-        # per layer: (short name, full name) pairs, so each forward picks a layer's weights by lookup
+        shapes = param_shapes(config)
+        if self.reference:                     # plain storage: one array per HF name
+            self.params = {k: self.xp.empty(shape, dtype=self.dtype) for k, shape in shapes.items()}
+            self._stacks: list = []
+        else:
+            self.params, self._stacks = storage.allocate(shapes, config.num_hidden_layers, self.dtype, self.xp)
+        # per layer and part: (short name, full name) pairs, so each forward picks a layer's weights by lookup
         self._layer_keys = [{part: [(k[len(pre + part):], k) for k in self.params if k.startswith(pre + part)]
                              for part in ("self_attn.", "mlp.")}
                             for pre in (f"model.layers.{i}." for i in range(config.num_hidden_layers))]
 
-    def _allocate(self) -> tuple[dict[str, Any], list[dict[str, list]]]:
-        """Uninitialised storage for every parameter, in the order of param_shapes.
-
-        A layer's q/k/v projections (and gate/up) are row blocks of one matrix, and their params
-        entries are views of those blocks: one matrix-vector product then does the three (or two)
-        while every weight keeps its Hugging Face name and shape, with no second copy.
-        Returns (params, stacks): stacks[i][part] lists (stacked name, matrix, [(short name, view)]).
-        """
-        c, xp = self.config, self.xp
-        shapes = param_shapes(c)
-        params: dict[str, Any] = {}
-        stacks: list[dict[str, list]] = []
-        for i in range(c.num_hidden_layers):
-            stacks.append({})
-            for part, stacked, names in _STACKED:
-                pre = f"model.layers.{i}.{part}"
-                stacks[i][part] = []
-                for kind in ("weight", "bias"):
-                    keys = [f"{pre}{n}.{kind}" for n in names]
-                    if keys[0] not in shapes:
-                        continue
-                    rows = [shapes[k][0] for k in keys]
-                    buf = xp.empty((sum(rows),) + shapes[keys[0]][1:], dtype=self.dtype)
-                    bounds = np.cumsum([0] + rows)
-                    views = [(k[len(pre):], buf[a:b]) for k, a, b in zip(keys, bounds[:-1], bounds[1:])]
-                    params.update({pre + short: v for short, v in views})
-                    stacks[i][part].append((f"{stacked}.{kind}", buf, views))
-        for k, shape in shapes.items():
-            if k not in params:
-                params[k] = xp.empty(shape, dtype=self.dtype)
-        return {k: params[k] for k in shapes}, stacks
-
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", backend: str = "numpy", fused: bool | None = None,
-                        tf32: bool = False) -> Llama:
+                        tf32: bool = False, reference: bool = False) -> Llama:
         """Load an HF export (dir with config.json and model.safetensors or shards) or a .gguf file."""
         path = os.fspath(path)
         resolve_dtype(dtype)
@@ -159,7 +137,7 @@ class Llama:
         if path.endswith(".gguf"):
             from npllama.io.gguf import load_gguf
             config, params = load_gguf(path)
-            model._setup(config, backend, dtype, fused, tf32)
+            model._setup(config, backend, dtype, fused, tf32, reference)
             model._fill(params, consume=True)
             return model
         from npllama.io.safetensors import WeightsError, load_params
@@ -168,7 +146,7 @@ class Llama:
         config = LlamaConfig.from_json(os.path.join(path, "config.json"))
         # transformers may write lm_head.weight even when tied; it is the same tensor, so it is not needed
         optional = ["lm_head.weight"] if config.tie_word_embeddings else []
-        model._setup(config, backend, dtype, fused, tf32)
+        model._setup(config, backend, dtype, fused, tf32, reference)
         if model.xp is np:
             # on the host the file is read straight into the model's storage: nothing stays mapped
             load_params(path, param_shapes(config), model.dtype, optional=optional, out=model.params)
@@ -178,7 +156,7 @@ class Llama:
 
     @classmethod
     def init(cls, config: LlamaConfig, seed: int = 0, dtype: str = "float32", backend: str = "numpy",
-             std: float = 0.02, fused: bool | None = None, tf32: bool = False) -> Llama:
+             std: float = 0.02, fused: bool | None = None, tf32: bool = False, reference: bool = False) -> Llama:
         """A fresh model: weights ~ N(0, std), norms 1, biases 0 (transformers' init), reproducible from `seed`."""
         rng = np.random.default_rng(seed)
         dt = resolve_dtype(dtype)
@@ -191,7 +169,7 @@ class Llama:
             else:  # drawn in float64 so the same seed gives the same model in either dtype
                 params[name] = (rng.standard_normal(shape) * std).astype(dt)
         model = cls.__new__(cls)
-        model._setup(config, backend, dtype, fused, tf32)
+        model._setup(config, backend, dtype, fused, tf32, reference)
         model._fill(params, consume=True)
         return model
 
@@ -271,106 +249,66 @@ class Llama:
         sees [0, start_pos + T). positions (B, T) override the rotary positions (left padding);
         attn_mask (B, start_pos + T) marks real tokens (True) among the keys.
         """
-        logits, _ = self._forward(ids, cache, start_pos, positions, attn_mask, keep=False, last_only=last_only)
-        return logits
-
-    def _forward(self, ids: Any, cache: KVCache | None, start_pos: int, positions: Any, attn_mask: Any,
-                 keep: bool, last_only: bool = False) -> tuple[Any, list]:
-        c, p, xp, fused = self.config, self.params, self.xp, self.fused
         ids = self._check_ids(ids)
-        B, T = ids.shape
+        ctx = self._context(ids.shape, cache, start_pos, positions, attn_mask)
+        return transformer.forward(self.ops, self.weights(), ids, ctx, last_only=last_only)[0]
+
+    def _context(self, shape: tuple, cache: KVCache | None, start_pos: int, positions: Any,
+                 attn_mask: Any) -> Context:
+        B, T = shape
         if cache is not None:
             if start_pos + T > cache.max_len:
                 raise ValueError(f"sequence of {start_pos + T} tokens does not fit the KV cache ({cache.max_len})")
             if B > cache.batch_size:
                 raise ValueError(f"batch of {B} does not fit the KV cache (batch_size={cache.batch_size})")
         if attn_mask is not None:
-            attn_mask = xp.asarray(attn_mask, dtype=bool)
+            attn_mask = self.xp.asarray(attn_mask, dtype=bool)
             if attn_mask.shape != (B, start_pos + T):
                 raise ValueError(f"attn_mask must have shape {(B, start_pos + T)}, got {tuple(attn_mask.shape)}")
         cos, sin = self._rope_tables(T, start_pos, positions)
-        caches: list = []                       # what backward needs, in forward order
+        return Context(cos, sin, cache, start_pos, attn_mask)
 
-        x, ce = embedding.forward(ids, p["model.embed_tokens.weight"])                    # (B, T, D)
-        caches.append(ce)
-        for i in range(c.num_hidden_layers):
-            pre = f"model.layers.{i}."
-            h, cn1 = rmsnorm.forward(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps, fused)
-            a, ca = attention.forward(h, self._layer(i, "self_attn."), cos, sin, c.num_attention_heads,
-                                      c.num_key_value_heads, c.head_dim,
-                                      kv=None if cache is None else cache.layer(i),
-                                      start_pos=start_pos, key_mask=attn_mask, fused=fused)
-            x = x + a
-            h, cn2 = rmsnorm.forward(x, p[pre + "post_attention_layernorm.weight"], c.rms_norm_eps, fused)
-            m, cm = mlp.forward(h, self._layer(i, "mlp."), fused)
-            x = x + m
-            if keep:
-                caches.append((cn1, ca, cn2, cm))
-            # inference keeps nothing: free this layer's activations before the next layer makes its own
-            del h, a, m, cn1, ca, cn2, cm
-        if last_only:
-            x = x[:, -1:]
-        h, cn = rmsnorm.forward(x, p["model.norm.weight"], c.rms_norm_eps, fused)
-        logits, cl = linear.forward(h, self._lm_head())                                     # (B, T, V)
-        caches.append((cn, cl))
-        return logits, caches if keep else []
+    def layer(self, i: int) -> LayerWeights:
+        """Layer i's weights by role; on the fast path with the stacked q/k/v and gate/up matrices."""
+        p = self.params
+        pre = f"model.layers.{i}."
+        parts = [{short: p[full] for short, full in self._layer_keys[i][part]} for part in ("self_attn.", "mlp.")]
+        if self._stacks:
+            parts = [storage.with_stacked(w, self._stacks[i][part]) for w, part in zip(parts, ("self_attn", "mlp"))]
+        return LayerWeights(p[pre + "input_layernorm.weight"], parts[0], p[pre + "post_attention_layernorm.weight"],
+                            parts[1])
 
-    def _layer(self, i: int, part: str) -> dict[str, Any]:
-        p = {short: self.params[full] for short, full in self._layer_keys[i][part]}
-        for stacked, buf, views in self._stacks[i][part]:
-            # offered to the layer only while params still holds the views (a rebound entry wins)
-            if all(p[short] is v for short, v in views):
-                p[stacked] = buf
-        return p
+    def weights(self) -> Weights:
+        """Every weight the forward reads, by role (what npllama.transformer takes)."""
+        p = self.params
+        return Weights(p["model.embed_tokens.weight"], [self.layer(i) for i in range(self.config.num_hidden_layers)],
+                       p["model.norm.weight"], self.lm_head)
 
-    def _lm_head(self) -> Any:
+    @property
+    def lm_head(self) -> Any:
+        """The output projection (V, D): the embedding matrix itself when the embeddings are tied."""
         return self.params["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
-
-    # ---------------------------------------------------------------- backward
-    @_tf32_scope
-    def backward(self, dlogits: Any, caches: list) -> dict[str, Any]:
-        """Gradients of every parameter from dlogits (B, T, V): the forward, read in reverse."""
-        c, fused = self.config, self.fused
-        grads: dict[str, Any] = {}
-        ce, *layers, (cn, cl) = caches
-        dh, dW_head, _ = linear.backward(dlogits, cl)
-        dx, grads["model.norm.weight"] = rmsnorm.backward(dh, cn, fused)
-        for i in reversed(range(c.num_hidden_layers)):
-            pre = f"model.layers.{i}."
-            cn1, ca, cn2, cm = layers[i]
-            dh, g = mlp.backward(dx, cm, fused)                # x = x + mlp(norm(x)): both paths carry dx
-            grads.update({pre + "mlp." + k: v for k, v in g.items()})
-            dxn, grads[pre + "post_attention_layernorm.weight"] = rmsnorm.backward(dh, cn2, fused)
-            dx = dx + dxn
-            dh, g = attention.backward(dx, ca, fused)
-            grads.update({pre + "self_attn." + k: v for k, v in g.items()})
-            dxn, grads[pre + "input_layernorm.weight"] = rmsnorm.backward(dh, cn1, fused)
-            dx = dx + dxn
-        dW_emb = embedding.backward(dx, ce)
-        if c.tie_word_embeddings:
-            dW_emb += dW_head                                  # one matrix, two uses: the gradients add
-        else:
-            grads["lm_head.weight"] = dW_head
-        grads["model.embed_tokens.weight"] = dW_emb
-        return {k: grads[k] for k in self.params}           # same order as params
 
     @_tf32_scope
     def loss_and_grads(self, ids: Any, targets: Any, ignore_index: int = -100) -> tuple[float, dict[str, Any]]:
         """Mean cross-entropy of `targets` (already the next tokens; ignore_index skipped) and every gradient."""
         targets = self._check_targets(ids, targets)
-        logits, caches = self._forward(ids, None, 0, None, None, keep=True)
+        ids = self._check_ids(ids)
+        logits, cache = transformer.forward(self.ops, self.weights(), ids, self._context(ids.shape, None, 0, None, None),
+                                            keep=True)
         B, T, V = logits.shape
-        loss, cache = xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)
-        del logits                                             # the loss keeps its own shifted copy
-        dlogits = xent.backward(1.0, cache).reshape(B, T, V)
-        return loss, self.backward(dlogits, caches)
+        loss, lcache = self.ops.loss(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)
+        del logits                                             # the loss keeps what its backward needs
+        dlogits = self.ops.loss_backward(1.0, lcache).reshape(B, T, V)
+        grads = transformer.backward(self.ops, dlogits, cache, self.config.tie_word_embeddings)
+        return loss, {k: grads[k] for k in self.params}       # same order as params
 
     def loss(self, ids: Any, targets: Any, ignore_index: int = -100) -> float:
         """Mean cross-entropy only (no backward)."""
         targets = self._check_targets(ids, targets)
         logits = self.forward(ids)
         B, T, V = logits.shape
-        return xent.forward(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)[0]
+        return self.ops.loss(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)[0]
 
     def _check_targets(self, ids: Any, targets: Any) -> Any:
         targets = self.xp.asarray(targets)
@@ -387,13 +325,13 @@ class Llama:
         """New token ids after the prompt (see npllama.generate.generate for every option).
 
         cuda_graph=True (CuPy only): each single-token step replays one captured CUDA graph
-        (npllama.kernels.decode.GraphDecoder); same tokens, far less host overhead per token.
+        (npllama.fast.decode.GraphDecoder); same tokens, far less host overhead per token.
         """
         from npllama.generate import generate
         target: Any = self
         if cuda_graph:
             if self._graph_decoder is None:
-                from npllama.kernels.decode import GraphDecoder
+                from npllama.fast.decode import GraphDecoder
                 self._graph_decoder = GraphDecoder(self, graph=True)
             target = self._graph_decoder
         return generate(target, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -402,5 +340,6 @@ class Llama:
     def __repr__(self) -> str:
         c = self.config
         return (f"Llama({self.num_params / 1e6:.1f}M params, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-                f"heads {c.num_attention_heads}/{c.num_key_value_heads}, {self.dtype.name}, {self.backend})")
+                f"heads {c.num_attention_heads}/{c.num_key_value_heads}, {self.dtype.name}, {self.backend}"
+                f"{', reference' if self.reference else ''})")
 

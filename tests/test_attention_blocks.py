@@ -1,4 +1,4 @@
-"""Attention in query blocks (layers.attention.BLOCK) against PyTorch: many small blocks, a partial last
+"""Attention in query blocks (fast.attention.BLOCK) against PyTorch: many small blocks, a partial last
 block, blocks that start past a KV cache's earlier tokens, padding masks, and the blocked backward."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import npllama
 import torch_reference
 from conftest import CONFIGS, hf_model, rel_err
-from npllama.layers import attention
+from npllama.fast import attention
 
 
 @pytest.mark.parametrize("block", [1, 5, 16])

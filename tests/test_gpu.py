@@ -20,8 +20,11 @@ if _N_DEVICES == 0:
 
 import npllama  # noqa: E402
 from npllama.backend import tf32, tf32_enabled, to_host  # noqa: E402
-from npllama.kernels.decode import ArrayOps, CudaOps, GraphDecoder  # noqa: E402
-from npllama.layers import mlp, rmsnorm, rope  # noqa: E402
+from npllama.fast import attention, mlp, rmsnorm, rope  # noqa: E402
+from npllama.fast.decode import CudaOps, GraphDecoder  # noqa: E402
+from npllama.kvcache import KVCache  # noqa: E402
+from npllama.layers import attention as ref_attention, mlp as ref_mlp, rmsnorm as ref_rmsnorm  # noqa: E402
+from npllama.transformer import Context  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from test_gpu_paths import DECODE_CONFIGS  # noqa: E402
 
@@ -174,7 +177,6 @@ def test_fused_swiglu_mlp(dtype):
 @pytest.mark.parametrize("block", [4, 64])                      # 4: two query blocks, the second partial
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_attention_softmax(dtype, block, monkeypatch):
-    from npllama.layers import attention
     monkeypatch.setattr(attention, "BLOCK", block)
     rng = np.random.default_rng(8)
     B, T, D, H, KV, hd = 3, 6, 24, 6, 2, 4
@@ -188,7 +190,7 @@ def test_fused_attention_softmax(dtype, block, monkeypatch):
     y0, c0 = attention.forward(x, p, cos, sin, H, KV, hd)
     y1, c1 = attention.forward(x, p, cos, sin, H, KV, hd, fused=True)
     assert err(y1, y0) <= TOL[dtype]
-    assert len(c0[-2]) == -(-T // block) and all(err(a, b) <= TOL[dtype] for a, b in zip(c1[-2], c0[-2]))  # P
+    assert len(c0.Ps) == -(-T // block) and all(err(a, b) <= TOL[dtype] for a, b in zip(c1.Ps, c0.Ps))
     dx0, g0 = attention.backward(dy, c0)
     dx1, g1 = attention.backward(dy, c1, fused=True)
     assert err(dx1, dx0) <= TOL[dtype]
@@ -203,36 +205,46 @@ def test_fused_attention_softmax(dtype, block, monkeypatch):
     outs = [attention.forward(x, p, cos, sin, H, KV, hd, kv=(kv[0].copy(), kv[1].copy()), start_pos=start,
                               key_mask=cupy.asarray(key_mask), fused=fused) for fused in (False, True)]
     assert err(outs[1][0], outs[0][0]) <= TOL[dtype]
-    assert all(err(a, b) <= TOL[dtype] for a, b in zip(outs[1][1][-2], outs[0][1][-2]))
+    assert all(err(a, b) <= TOL[dtype] for a, b in zip(outs[1][1].Ps, outs[0][1].Ps))
 
 
-# ---------------------------------------------------------------- decode kernels vs the plain operations
+# ---------------------------------------------------------------- decode kernels vs the reference layers
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_kernels_match_array_ops(dtype):
+def test_decode_kernels_match_the_reference_layers(dtype, bias):
     rng = np.random.default_rng(5)
-    A, K = ArrayOps(), CudaOps(dtype)
     rand = lambda *s: cupy.asarray(rng.standard_normal(s), dtype=dtype)   # noqa: E731
-    B, H, KV, L, hd = 2, 6, 2, 40, 16
-    W, b, x = rand(70, 45), rand(70), rand(B, 45)                       # 45: not a multiple of the warp
-    assert err(K.linear(x, W, b), A.linear(x, W, b)) <= TOL[dtype]
+    B, H, KV, L, hd, D, I = 2, 6, 2, 40, 16, 45, 33                      # 45: not a multiple of the warp
+    cfg = npllama.LlamaConfig(hidden_size=D, intermediate_size=I, num_hidden_layers=1, num_attention_heads=H,
+                              num_key_value_heads=KV, head_dim=hd, vocab_size=30, max_position_embeddings=L)
+    K = CudaOps(cfg, dtype)
+    W, b, x = rand(70, D), rand(70), rand(B, D)
+    assert err(K.gemv(x, W, b), x @ W.T + b) <= TOL[dtype]
     with pytest.raises(ValueError, match="C-contiguous"):
-        K.linear(x, W.T.copy().T)
-    E, tok = rand(30, 12), cupy.asarray([4, 29], dtype=cupy.int32)
-    assert err(K.embed(E, tok), A.embed(E, tok)) <= 0.0
+        K.gemv(x, W.T.copy().T)
+    E, tok = rand(30, 12), cupy.asarray([[4], [29]], dtype=cupy.int32)
+    assert err(K.embedding(tok, E)[0], E[tok]) <= 0.0
+    w = rand(D)
+    xs = rand(B, 1, D)
+    assert err(K.rmsnorm(xs, w)[0], ref_rmsnorm.forward(xs, w, cfg.rms_norm_eps)[0]) <= TOL[dtype]
+    attn = {"q_proj.weight": rand(H * hd, D), "k_proj.weight": rand(KV * hd, D), "v_proj.weight": rand(KV * hd, D),
+            "o_proj.weight": rand(D, H * hd)}
+    mlpw = {"gate_proj.weight": rand(I, D), "up_proj.weight": rand(I, D), "down_proj.weight": rand(D, I)}
+    if bias:
+        attn.update({"q_proj.bias": rand(H * hd), "k_proj.bias": rand(KV * hd), "v_proj.bias": rand(KV * hd),
+                     "o_proj.bias": rand(D)})
+        mlpw.update({"gate_proj.bias": rand(I), "up_proj.bias": rand(I), "down_proj.bias": rand(D)})
+    assert err(K.mlp(xs, mlpw)[0], ref_mlp.forward(xs, mlpw)[0]) <= TOL[dtype]
     cos, sin = rand(L, hd // 2), rand(L, hd // 2)
-    kb_a, vb_a = rand(3, KV, L, hd), rand(3, KV, L, hd)
-    kb_k, vb_k = kb_a.copy(), vb_a.copy()
+    cache_k, cache_r = (KVCache(1, 3, KV, L, hd, np.dtype(dtype), cupy) for _ in range(2))
     for p in (0, 1, 17, L - 1):
-        pos = cupy.asarray([p], dtype=cupy.int32)
-        q = rand(B, H * hd)
-        assert err(K.rope(q.copy(), cos, sin, pos, H), A.rope(q, cos, sin, pos, H)) <= TOL[dtype]
-        k, v = rand(B, KV * hd), rand(B, KV * hd)
-        A.kv_write(kb_a, k, pos), A.kv_write(vb_a, v, pos)
-        K.kv_write(kb_k, k, pos), K.kv_write(vb_k, v, pos)
-        assert err(kb_k, kb_a) <= 0.0 and err(vb_k, vb_a) <= 0.0
-        assert err(K.attend(q, kb_k, vb_k, pos, H), A.attend(q, kb_a, vb_a, pos, H)) <= TOL[dtype]
-    g, u = rand(B, 33), rand(B, 33)
-    assert err(K.swiglu(g, u), A.swiglu(g, u)) <= TOL[dtype]
+        xs = rand(B, 1, D)
+        ctx = Context(cos, sin, cache_k, cupy.asarray([p], dtype=cupy.int32), None)
+        got = K.attention(xs, attn, 0, ctx)[0]
+        want = ref_attention.forward(xs, attn, cos[p:p + 1, None], sin[p:p + 1, None], H, KV, hd,
+                                     kv=cache_r.layer(0), start_pos=p)[0]
+        assert err(got, want) <= TOL[dtype], p
+        assert err(cache_k.k[0], cache_r.k[0]) <= TOL[dtype] and err(cache_k.v[0], cache_r.v[0]) <= TOL[dtype]
 
 
 def _greedy(target, prompt, steps):

@@ -1,6 +1,6 @@
 """The backend-independent parts of the GPU work, run on NumPy: the fused-kernel dispatch takes the plain
 path, the TF32 switch is a no-op off by default, and the static decode step (what a CUDA graph captures,
-here with plain array operations) gives what the model's own KV-cache forward gives."""
+here with the model's own layer operations) gives what the model's own KV-cache forward gives."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,7 @@ import pytest
 
 import npllama
 from npllama.backend import fused_kernels, int_range, is_cupy, tf32, tf32_enabled
-from npllama.kernels.decode import ArrayOps, DecodeStep, GraphDecoder, decode_tables
+from npllama.fast.decode import DecodeStep, GraphDecoder, decode_tables
 from conftest import rel_err
 
 # every attention layout, biases, tied embeddings and each rope type whose table depends on position only
@@ -154,22 +154,6 @@ def test_decoder_refuses_what_needs_a_gpu_and_bad_input():
         dec.decode([1], 4)
     with pytest.raises(ValueError, match="batch"):
         dec.decode([1, 2], 0)
-
-
-def test_array_ops_attention_is_causal_softmax_attention():
-    # the reference operation itself, against a direct per-head loop
-    rng = np.random.default_rng(2)
-    B, H, KV, L, hd, p = 2, 4, 2, 7, 6, 4
-    q = rng.standard_normal((B, H * hd))
-    kb, vb = rng.standard_normal((3, KV, L, hd)), rng.standard_normal((3, KV, L, hd))
-    out = ArrayOps().attend(q, kb, vb, np.array([p], dtype=np.int32), H)
-    for b in range(B):
-        for h in range(H):
-            kv = h // (H // KV)
-            s = kb[b, kv, :p + 1] @ q[b, h * hd:(h + 1) * hd] / np.sqrt(hd)
-            w = np.exp(s - s.max())
-            w /= w.sum()
-            np.testing.assert_allclose(out[b, h * hd:(h + 1) * hd], w @ vb[b, kv, :p + 1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("npllama.generate") is None, reason="npllama.generate not on this branch")

@@ -22,10 +22,11 @@ def _batch(B, T, seed):
     return ids, targets
 
 
+@pytest.mark.parametrize("reference", [False, True])
 @pytest.mark.parametrize("name", CASES)
-def test_float64_gradients_match_autograd(name, save_hf):
+def test_float64_gradients_match_autograd(name, reference, save_hf):
     m = hf_model(**CONFIGS[name])
-    model = npllama.Llama.from_pretrained(save_hf(m), dtype="float64")
+    model = npllama.Llama.from_pretrained(save_hf(m), dtype="float64", reference=reference)
     ids, targets = _batch(3, 40 if "dynamic" not in name else 48, seed=7)
     loss, grads = model.loss_and_grads(ids, targets)
     params = {k: v.detach().double().clone().requires_grad_(True) for k, v in m.named_parameters()}
@@ -70,8 +71,9 @@ def test_tied_embedding_gradient_sums_both_uses(save_hf):
                                g2["model.embed_tokens.weight"] + g2["lm_head.weight"], rtol=1e-12, atol=1e-15)
 
 
-def test_all_targets_ignored_gives_nan_like_torch(save_hf):
-    model = npllama.Llama.from_pretrained(save_hf(hf_model()), dtype="float64")
+@pytest.mark.parametrize("reference", [False, True])
+def test_all_targets_ignored_gives_nan_like_torch(reference, save_hf):
+    model = npllama.Llama.from_pretrained(save_hf(hf_model()), dtype="float64", reference=reference)
     ids = np.zeros((1, 4), dtype=np.int64)
     ref = torch.nn.functional.cross_entropy(torch.zeros(4, 97), torch.full((4,), -100))
     assert np.isnan(ref.item()) and np.isnan(model.loss(ids, np.full((1, 4), -100)))

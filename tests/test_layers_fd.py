@@ -1,10 +1,12 @@
-"""Each layer's backward against central finite differences in float64 (NumPy only, no torch)."""
+"""Each layer's backward, reference (npllama.layers) and fast (npllama.fast), against central finite
+differences in float64 (NumPy only, no torch)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from npllama.config import LlamaConfig
+from npllama.fast import attention as fast_attention, loss as fast_loss, mlp as fast_mlp, rmsnorm as fast_rmsnorm
 from npllama.layers import attention, embedding, linear, loss, mlp, rmsnorm, rope
 
 rng = np.random.default_rng(0)
@@ -52,11 +54,12 @@ def test_embedding_with_repeated_ids():
     assert np.abs(dW[1]).sum() > 0 and np.all(dW[0] == 0)
 
 
-def test_rmsnorm():
+@pytest.mark.parametrize("impl", [rmsnorm, fast_rmsnorm])
+def test_rmsnorm(impl):
     x, w = rng.standard_normal((2, 3, 6)), rng.standard_normal(6)
     R = rng.standard_normal((2, 3, 6))
-    f = lambda: float((rmsnorm.forward(x, w, 1e-5)[0] * R).sum())
-    dx, dw = rmsnorm.backward(R, rmsnorm.forward(x, w, 1e-5)[1])
+    f = lambda: float((impl.forward(x, w, 1e-5)[0] * R).sum())
+    dx, dw = impl.backward(R, impl.forward(x, w, 1e-5)[1])
     check(dx, f, x)
     check(dw, f, w)
 
@@ -86,10 +89,12 @@ def stack(p, stacked, names):
     return p
 
 
-@pytest.mark.parametrize("stacked,block", [(False, 64), (True, 64), (True, 2)])   # 2: three query blocks
+# reference; fast with separate and stacked projections; fast in 3 query blocks of 2
+@pytest.mark.parametrize("impl,stacked,block", [(attention, False, 0), (fast_attention, False, 64),
+                                                (fast_attention, True, 64), (fast_attention, True, 2)])
 @pytest.mark.parametrize("H,KV,bias", [(4, 4, False), (4, 2, True), (6, 1, False)])
-def test_attention_block(H, KV, bias, stacked, block, monkeypatch):
-    monkeypatch.setattr(attention, "BLOCK", block)
+def test_attention_block(H, KV, bias, impl, stacked, block, monkeypatch):
+    monkeypatch.setattr(fast_attention, "BLOCK", block)
     D, hd, B, T = 12, 4, 2, 5
     cfg = LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
                       num_key_value_heads=KV, head_dim=hd, vocab_size=5)
@@ -104,16 +109,16 @@ def test_attention_block(H, KV, bias, stacked, block, monkeypatch):
         p = stack(p, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
     x = rng.standard_normal((B, T, D))
     R = rng.standard_normal((B, T, D))
-    f = lambda: float((attention.forward(x, p, cos, sin, H, KV, hd)[0] * R).sum())
-    dx, grads = attention.backward(R, attention.forward(x, p, cos, sin, H, KV, hd)[1])
+    f = lambda: float((impl.forward(x, p, cos, sin, H, KV, hd)[0] * R).sum())
+    dx, grads = impl.backward(R, impl.forward(x, p, cos, sin, H, KV, hd)[1])
     check(dx, f, x, n_samples=40)
     assert set(grads) == {k for k in p if not k.startswith("qkv_proj")}
     for k in grads:
         check(grads[k], f, p[k], n_samples=25)   # perturbing a view perturbs the stacked matrix
 
 
-@pytest.mark.parametrize("stacked", [False, True])
-def test_mlp_with_bias(stacked):
+@pytest.mark.parametrize("impl,stacked", [(mlp, False), (fast_mlp, False), (fast_mlp, True)])
+def test_mlp_with_bias(impl, stacked):
     D, I = 6, 10
     p = {"gate_proj.weight": rng.standard_normal((I, D)), "up_proj.weight": rng.standard_normal((I, D)),
          "down_proj.weight": rng.standard_normal((D, I)), "gate_proj.bias": rng.standard_normal(I),
@@ -122,31 +127,33 @@ def test_mlp_with_bias(stacked):
         p = stack(p, "gate_up_proj", ("gate_proj", "up_proj"))
     x = rng.standard_normal((2, 3, D))
     R = rng.standard_normal((2, 3, D))
-    f = lambda: float((mlp.forward(x, p)[0] * R).sum())
-    dx, grads = mlp.backward(R, mlp.forward(x, p)[1])
+    f = lambda: float((impl.forward(x, p)[0] * R).sum())
+    dx, grads = impl.backward(R, impl.forward(x, p)[1])
     check(dx, f, x)
     assert set(grads) == {k for k in p if not k.startswith("gate_up_proj")}
     for k in grads:
         check(grads[k], f, p[k], n_samples=30)
 
 
-def test_cross_entropy_with_ignore_index():
+@pytest.mark.parametrize("impl", [loss, fast_loss])
+def test_cross_entropy_with_ignore_index(impl):
     logits = rng.standard_normal((6, 9)) * 3
     t = np.array([1, -100, 8, 0, -100, 3])
-    d = loss.backward(1.0, loss.forward(logits.copy(), t)[1])
-    check(d, lambda: loss.forward(logits, t)[0], logits)
+    d = impl.backward(1.0, impl.forward(logits.copy(), t)[1])
+    check(d, lambda: impl.forward(logits, t)[0], logits)
     assert np.all(d[[1, 4]] == 0)
     # mean over the 4 counted targets only
     lse = np.log(np.exp(logits).sum(-1))
     expect = np.mean([lse[i] - logits[i, t[i]] for i in (0, 2, 3, 5)])
-    assert abs(loss.forward(logits, t)[0] - expect) < 1e-12
+    assert abs(impl.forward(logits, t)[0] - expect) < 1e-12
 
 
-def test_whole_model_fd():
+@pytest.mark.parametrize("reference", [True, False])
+def test_whole_model_fd(reference):
     from npllama import Llama
     cfg = LlamaConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, vocab_size=11, tie_word_embeddings=True, attention_bias=True)
-    model = Llama.init(cfg, seed=1, dtype="float64", std=0.4)
+    model = Llama.init(cfg, seed=1, dtype="float64", std=0.4, reference=reference)
     ids = rng.integers(0, 11, (2, 5))
     tg = rng.integers(0, 11, (2, 5))
     _, grads = model.loss_and_grads(ids, tg)

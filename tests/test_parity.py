@@ -20,13 +20,14 @@ def _ids(cfg, B, T, seed=0):
     return np.random.default_rng(seed).integers(0, 97, (B, T))
 
 
+@pytest.mark.parametrize("reference", [False, True])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_float64_matches_float64_reference(name, save_hf):
+def test_float64_matches_float64_reference(name, reference, save_hf):
     m = hf_model(**CONFIGS[name])
     d = save_hf(m)
     B, T = SHAPES[name]
     ids = _ids(m.config, B, T)
-    ours = npllama.Llama.from_pretrained(d, dtype="float64").forward(ids)
+    ours = npllama.Llama.from_pretrained(d, dtype="float64", reference=reference).forward(ids)
     assert ours.dtype == np.float64
     sd = {k: v.double() for k, v in m.state_dict().items()}
     ref = torch_reference.forward(sd, m.config.to_dict(), torch.tensor(ids)).numpy()

@@ -1,137 +1,122 @@
 """Causal self-attention with grouped-query heads (MHA, GQA, MQA), rotary positions and a KV cache.
 
-Query heads are grouped by the KV head they share (head h uses KV head h // G, as in
-transformers' repeat_kv). Instead of repeating K and V G times, the G query heads of a group
-are stacked along the row axis, so one batched matmul per (batch, KV head) does the work and
-the backward sums each group's K/V gradients for free.
+    q, k, v = x Wq, x Wk, x Wv              separate projections
+    q, k = rope(q), rope(k)                 positions enter by rotation
+    k, v = repeat_kv(k), repeat_kv(v)       each KV head serves G = n_heads / n_kv query heads
+    P = softmax(q k^T / sqrt(hd) + mask)    the full (T, S) score matrix, one causal mask
+    y = (P v) Wo
 
-Queries go in blocks of BLOCK. A block sees only the keys up to its last query, so the masked upper
-triangle past it is never computed (about half the work of a long prompt), and its scores stay small
-enough to stay in cache. Softmax rows are whole within a block, so the result is exact, not an online
-rescaling as in FlashAttention; the backward walks the same blocks.
+This is the textbook form. `npllama.fast.attention` computes the same numbers in query blocks, with the
+K/V heads shared instead of repeated and the softmax in place.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from npllama.backend import fused_kernels, get_array_module
+from npllama.backend import get_array_module
 from npllama.layers import linear, rope
 
-BLOCK = 64   # queries per block of the attention (see _blocks); any value gives the same result for real tokens
+
+class AttentionCache(NamedTuple):
+    q_proj: linear.LinearCache
+    k_proj: linear.LinearCache
+    v_proj: linear.LinearCache
+    o_proj: linear.LinearCache
+    cos: Any          # rotary tables (T, 1, hd/2) or (B, T, 1, hd/2)
+    sin: Any
+    q: Any            # rotated queries (B, H, T, hd)
+    k: Any            # rotated keys, repeated per query head (B, H, S, hd)
+    v: Any            # values, repeated per query head (B, H, S, hd)
+    P: Any            # attention weights (B, H, T, S)
+    n_kv: int
+
+
+def repeat_kv(x: Any, G: int) -> Any:
+    """(B, KV, S, hd) -> (B, KV * G, S, hd): query head h reads KV head h // G (transformers' repeat_kv)."""
+    return get_array_module(x).repeat(x, G, axis=1)
+
+
+def repeat_kv_backward(dx: Any, G: int) -> Any:
+    """(B, KV * G, S, hd) -> (B, KV, S, hd): a KV head's gradient sums those of the G query heads it served."""
+    B, H, S, hd = dx.shape
+    return dx.reshape(B, H // G, G, S, hd).sum(axis=2)
+
+
+def causal_mask(T: int, S: int, start_pos: int, key_mask: Any, xp: Any) -> Any:
+    """True where a query may see a key: query t (position start_pos + t) sees keys 0 .. start_pos + t,
+    and only real ones (key_mask (B, S)). -> (T, S), or (B, 1, T, S) with key_mask."""
+    mask = xp.arange(S)[None, :] <= (start_pos + xp.arange(T))[:, None]          # (T, S)
+    if key_mask is not None:
+        mask = mask[None, None] & key_mask[:, None, None, :S].astype(bool)         # (B, 1, T, S)
+    return mask
 
 
 def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: int, head_dim: int,
-            kv: tuple[Any, Any] | None = None, start_pos: int = 0, key_mask: Any = None,
-            fused: bool = False) -> tuple[Any, tuple]:
+            kv: tuple[Any, Any] | None = None, start_pos: int = 0, key_mask: Any = None) -> tuple[Any, AttentionCache]:
     """x (B, T, D) -> y (B, T, D).
 
-    p: this layer's weights, keyed 'q_proj.weight', 'q_proj.bias' (optional), ... 'o_proj.weight';
-       with 'qkv_proj.weight' (q, k, v stacked by rows; + 'qkv_proj.bias') one product does all three.
+    p: this layer's weights, keyed 'q_proj.weight', 'q_proj.bias' (optional), ... 'o_proj.weight'.
     kv: preallocated (k, v) buffers (B', n_kv, S_max, hd); this call writes positions
         [start_pos, start_pos + T) and attends to [0, start_pos + T).
     key_mask: optional bool (B, start_pos + T), False for padding slots that no query may see.
-    fused: use the fused CUDA rotary and softmax kernels on CuPy input (same result).
     """
     xp = get_array_module(x)
     B, T, _ = x.shape
-    H, KV, hd, G = n_heads, n_kv, head_dim, n_heads // n_kv
-    if "qkv_proj.weight" in p:
-        qkv, cqkv = linear.forward(x, p["qkv_proj.weight"], p.get("qkv_proj.bias"))   # (B, T, (H + 2 KV) hd)
-        qk = rope.apply(qkv[..., :(H + KV) * hd].reshape(B, T, H + KV, hd), cos, sin, fused)  # one rotation
-        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[..., (H + KV) * hd:]
-        cin: tuple = (cqkv,)
-    else:
-        q, cq = linear.forward(x, p["q_proj.weight"], p.get("q_proj.bias"))
-        k, ck = linear.forward(x, p["k_proj.weight"], p.get("k_proj.bias"))
-        v, cv = linear.forward(x, p["v_proj.weight"], p.get("v_proj.bias"))
-        q = rope.apply(q.reshape(B, T, H, hd), cos, sin, fused)
-        k = rope.apply(k.reshape(B, T, KV, hd), cos, sin, fused)
-        cin = (cq, ck, cv)
-    k = k.transpose(0, 2, 1, 3)                                              # (B, KV, T, hd)
+    H, KV, hd = n_heads, n_kv, head_dim
+    q, cq = linear.forward(x, p["q_proj.weight"], p.get("q_proj.bias"))      # (B, T, H hd)
+    k, ck = linear.forward(x, p["k_proj.weight"], p.get("k_proj.bias"))      # (B, T, KV hd)
+    v, cv = linear.forward(x, p["v_proj.weight"], p.get("v_proj.bias"))      # (B, T, KV hd)
+    q = rope.apply(q.reshape(B, T, H, hd), cos, sin).transpose(0, 2, 1, 3)   # (B, H, T, hd)
+    k = rope.apply(k.reshape(B, T, KV, hd), cos, sin).transpose(0, 2, 1, 3)  # (B, KV, T, hd)
     v = v.reshape(B, T, KV, hd).transpose(0, 2, 1, 3)                        # (B, KV, T, hd)
     S = start_pos + T
-    if kv is not None:
+    if kv is not None:          # the cache keeps every earlier token's K and V: attend to all of them
         kbuf, vbuf = kv
         kbuf[:B, :, start_pos:S] = k
         vbuf[:B, :, start_pos:S] = v
         k, v = kbuf[:B, :, :S], vbuf[:B, :, :S]                              # (B, KV, S, hd)
-        if T > 1:  # a prefill's big matmuls run faster on packed K/V; one decoded token's would not repay the copy
-            k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)
-    # the G query heads of a KV head become rows, ordered (t, g): a block of queries is then a row range
-    qg = q.reshape(B, T, KV, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, KV, T * G, hd)
-    out = xp.empty_like(qg)
-    Ps = []                                      # each block's attention weights, for the backward
-    for t0, t1 in _blocks(T):
-        S1, rows = start_pos + t1, slice(t0 * G, t1 * G)
-        P = qg[:, :, rows] @ k[:, :, :S1].transpose(0, 1, 3, 2)              # (B, KV, (t1 - t0) G, S1)
-        P = _causal_softmax_(P, hd ** -0.5, start_pos, t0, G, key_mask, fused)
-        out[:, :, rows] = P @ v[:, :, :S1]
-        Ps.append(P)
-    out = out.reshape(B, KV, T, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, T, H * hd)
+    k, v = repeat_kv(k, H // KV), repeat_kv(v, H // KV)                      # (B, H, S, hd)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * hd ** -0.5                      # (B, H, T, S)
+    # a large finite negative, not -inf: a query that may see no key at all (left padding) then gets
+    # equal weights instead of NaN; no real token ever reads that row
+    scores = xp.where(causal_mask(T, S, start_pos, key_mask, xp), scores, xp.finfo(scores.dtype).min)
+    P = softmax(scores)
+    out = (P @ v).transpose(0, 2, 1, 3).reshape(B, T, H * hd)                # (B, T, H hd)
     y, co = linear.forward(out, p["o_proj.weight"], p.get("o_proj.bias"))
-    return y, (cin, co, cos, sin, qg, k, v, Ps, (B, T, H, KV, hd, start_pos))
+    return y, AttentionCache(cq, ck, cv, co, cos, sin, q, k, v, P, KV)
 
 
-def _blocks(T: int) -> list[tuple[int, int]]:
-    """[t0, t1) ranges of BLOCK queries. Block [t0, t1) attends to keys before start_pos + t1 only, so the
-    causal upper triangle beyond a block is never computed, and a block's scores stay small enough for cache."""
-    return [(t0, min(T, t0 + BLOCK)) for t0 in range(0, T, BLOCK)]
+def softmax(s: Any) -> Any:
+    """Softmax over the last axis, shifted by the row max so exp cannot overflow."""
+    xp = get_array_module(s)
+    e = xp.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
-def _causal_softmax_(scores: Any, scale: float, start_pos: int, t0: int, G: int, key_mask: Any,
-                     fused: bool) -> Any:
-    """In place: softmax(scores * scale) over the keys each row may see; scores (B, KV, n G, S1) are the
-    rows (t, g) of queries t0 .. t0 + n - 1 against keys 0 .. S1 - 1. Returns P (the same array)."""
-    if kf := fused_kernels(scores, fused):                                     # the same P in one pass
-        return kf.causal_softmax_(scores, scale, start_pos, t0, G, key_mask)
-    xp = get_array_module(scores)
-    B, KV, nG, S1 = scores.shape
-    n = nG // G
-    scores *= scale
-    if n > 1 or key_mask is not None:  # one query (the last so far) sees every key: nothing to mask
-        # query t sits at position start_pos + t and may see keys 0 .. start_pos + t
-        mask = xp.arange(S1)[None, :] <= (start_pos + xp.arange(t0, t0 + n))[:, None]      # (n, S1)
-        mask = mask[:, None, :]                                                            # (n, 1, S1)
-        if key_mask is not None:
-            mask = mask & key_mask[:, None, None, None, :S1].astype(bool)                 # (B, 1, n, 1, S1)
-        # a large finite negative, not -inf: a fully masked (padding) row then stays finite (equal weights
-        # over its block's keys; no real token ever reads that row's output)
-        xp.copyto(scores.reshape(B, KV, n, G, S1), xp.finfo(scores.dtype).min, where=~mask)
-    scores -= scores.max(axis=-1, keepdims=True)
-    P = xp.exp(scores, out=scores)
-    P /= P.sum(axis=-1, keepdims=True)
-    return P
-
-
-def backward(dy: Any, cache: tuple, fused: bool = False) -> tuple[Any, dict[str, Any]]:
+def backward(dy: Any, cache: AttentionCache) -> tuple[Any, dict[str, Any]]:
     """-> dx (B, T, D), grads keyed like p. For calls that wrote no KV cache (training: keys are these T tokens)."""
-    cin, co, cos, sin, qg, k, v, Ps, (B, T, H, KV, hd, start_pos) = cache
-    G = H // KV
-    xp = get_array_module(dy)
+    c = cache
+    B, H, T, hd = c.q.shape
+    G = H // c.n_kv
     grads: dict[str, Any] = {}
-    dout, grads["o_proj.weight"], db = linear.backward(dy, co)
+    dout, grads["o_proj.weight"], db = linear.backward(dy, c.o_proj)
     if db is not None:
         grads["o_proj.bias"] = db
-    dout = dout.reshape(B, T, KV, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, KV, T * G, hd)   # rows (t, g)
-
-    dqg = xp.empty_like(qg)
-    dk, dv = xp.zeros_like(k), xp.zeros_like(v)                              # (B, KV, S, hd)
-    for (t0, t1), P in zip(_blocks(T), Ps):
-        S1, rows = start_pos + t1, slice(t0 * G, t1 * G)
-        do = dout[:, :, rows]
-        dv[:, :, :S1] += P.transpose(0, 1, 3, 2) @ do                        # sums the group's rows
-        dP = do @ v[:, :, :S1].transpose(0, 1, 3, 2)                         # (B, KV, (t1 - t0) G, S1)
-        # softmax backward: dS = P * (dP - sum_j P dP); masked entries have P = 0 and stay 0
-        if kf := fused_kernels(dy, fused):
-            dS = kf.softmax_backward_(dP, P, hd ** -0.5)
-        else:
-            dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
-            dS *= hd ** -0.5
-        dqg[:, :, rows] = dS @ k[:, :, :S1]
-        dk[:, :, :S1] += dS.transpose(0, 1, 3, 2) @ qg[:, :, rows]
-
-    dq = dqg.reshape(B, KV, T, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, T, H, hd)
-    dq = rope.apply_backward(dq, cos, sin, fused).reshape(B, T, H * hd)
-    dk = rope.apply_backward(dk.transpose(0, 2, 1, 3), cos, sin, fused).reshape(B, T, KV * hd)
-    dv = dv.transpose(0, 2, 1, 3).reshape(B, T, KV * hd)
-    return linear.backward_split(("q_proj", "k_proj", "v_proj"), (dq, dk, dv), cin, grads), grads
+    dout = dout.reshape(B, T, H, hd).transpose(0, 2, 1, 3)                   # (B, H, T, hd)
+    dv = c.P.transpose(0, 1, 3, 2) @ dout                                    # (B, H, S, hd)
+    dP = dout @ c.v.transpose(0, 1, 3, 2)                                    # (B, H, T, S)
+    # softmax backward: dS = P * (dP - sum_j P dP); masked entries have P = 0 and get no gradient
+    dS = c.P * (dP - (dP * c.P).sum(axis=-1, keepdims=True)) * hd ** -0.5
+    dq = dS @ c.k                                                            # (B, H, T, hd)
+    dk = dS.transpose(0, 1, 3, 2) @ c.q                                      # (B, H, S, hd)
+    dk, dv = repeat_kv_backward(dk, G), repeat_kv_backward(dv, G)            # (B, KV, S, hd)
+    dq = rope.apply_backward(dq.transpose(0, 2, 1, 3), c.cos, c.sin).reshape(B, T, H * hd)
+    dk = rope.apply_backward(dk.transpose(0, 2, 1, 3), c.cos, c.sin).reshape(B, T, -1)
+    dv = dv.transpose(0, 2, 1, 3).reshape(B, T, -1)
+    dx = 0
+    for name, d, lc in (("q_proj", dq, c.q_proj), ("k_proj", dk, c.k_proj), ("v_proj", dv, c.v_proj)):
+        dxi, grads[f"{name}.weight"], db = linear.backward(d, lc)
+        if db is not None:
+            grads[f"{name}.bias"] = db
+        dx = dx + dxi
+    return dx, grads

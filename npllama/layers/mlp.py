@@ -1,47 +1,46 @@
-"""SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)), silu(g) = g * sigmoid(g)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from npllama.backend import fused_kernels, get_array_module
+from npllama.backend import get_array_module
 from npllama.layers import linear
 
 
-def forward(x: Any, p: dict[str, Any], fused: bool = False) -> tuple[Any, tuple]:
-    """x (B, T, D) -> y (B, T, D); p keyed 'gate_proj.weight', 'up_proj.weight', 'down_proj.weight' (+ biases).
+class MLPCache(NamedTuple):
+    gate_proj: linear.LinearCache
+    up_proj: linear.LinearCache
+    down_proj: linear.LinearCache
+    g: Any            # gate(x) (B, T, I)
+    s: Any            # sigmoid(g)
+    u: Any            # up(x)
+    a: Any            # silu(g) = g * s
 
-    With 'gate_up_proj.weight' (gate and up stacked by rows; + 'gate_up_proj.bias') one product does both.
-    """
+
+def forward(x: Any, p: dict[str, Any]) -> tuple[Any, MLPCache]:
+    """x (B, T, D) -> y (B, T, D); p keyed 'gate_proj.weight', 'up_proj.weight', 'down_proj.weight' (+ biases)."""
     xp = get_array_module(x)
-    if "gate_up_proj.weight" in p:
-        gu, cgu = linear.forward(x, p["gate_up_proj.weight"], p.get("gate_up_proj.bias"))   # (B, T, 2 I)
-        I = gu.shape[-1] // 2
-        g, u = gu[..., :I], gu[..., I:]
-        cin: tuple = (cgu,)
-    else:
-        g, cg = linear.forward(x, p["gate_proj.weight"], p.get("gate_proj.bias"))   # (B, T, I)
-        u, cu = linear.forward(x, p["up_proj.weight"], p.get("up_proj.bias"))       # (B, T, I)
-        cin = (cg, cu)
-    if k := fused_kernels(x, fused):
-        s, a, h = k.swiglu_forward(g, u)
-    else:
-        s = 1.0 / (1.0 + xp.exp(-g))                                             # sigmoid(g)
-        a = g * s                                                                # silu(g)
-        h = a * u
-    y, cd = linear.forward(h, p["down_proj.weight"], p.get("down_proj.bias"))
-    return y, (cin, cd, g, s, u, a)
+    g, cg = linear.forward(x, p["gate_proj.weight"], p.get("gate_proj.bias"))   # (B, T, I)
+    u, cu = linear.forward(x, p["up_proj.weight"], p.get("up_proj.bias"))       # (B, T, I)
+    s = 1.0 / (1.0 + xp.exp(-g))                                                 # sigmoid(g)
+    a = g * s                                                                    # silu(g)
+    y, cd = linear.forward(a * u, p["down_proj.weight"], p.get("down_proj.bias"))
+    return y, MLPCache(cg, cu, cd, g, s, u, a)
 
 
-def backward(dy: Any, cache: tuple, fused: bool = False) -> tuple[Any, dict[str, Any]]:
+def backward(dy: Any, cache: MLPCache) -> tuple[Any, dict[str, Any]]:
     """-> dx (B, T, D), grads keyed like p."""
-    cin, cd, g, s, u, a = cache
+    c = cache
     grads: dict[str, Any] = {}
-    dh, grads["down_proj.weight"], db = linear.backward(dy, cd)
+    dh, grads["down_proj.weight"], db = linear.backward(dy, c.down_proj)
     if db is not None:
         grads["down_proj.bias"] = db
-    if k := fused_kernels(dh, fused):
-        dg, du = k.swiglu_backward(dh, g, s, u, a)
-    else:
-        du = dh * a
-        dg = dh * u * (s * (1.0 + g * (1.0 - s)))    # silu'(g) = s + g s (1 - s)
-    return linear.backward_split(("gate_proj", "up_proj"), (dg, du), cin, grads), grads
+    du = dh * c.a
+    dg = dh * c.u * (c.s * (1.0 + c.g * (1.0 - c.s)))    # silu'(g) = s + g s (1 - s)
+    dx = 0
+    for name, d, lc in (("gate_proj", dg, c.gate_proj), ("up_proj", du, c.up_proj)):
+        dxi, grads[f"{name}.weight"], db = linear.backward(d, lc)
+        if db is not None:
+            grads[f"{name}.bias"] = db
+        dx = dx + dxi
+    return dx, grads

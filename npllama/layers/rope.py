@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from npllama.backend import fused_kernels, get_array_module
+from npllama.backend import get_array_module
 
 
 def inv_freq(config: Any, seq_len: int | None = None) -> np.ndarray:
@@ -57,20 +57,16 @@ def tables(config: Any, positions: Any, dtype: Any, xp: Any = np) -> tuple[Any, 
     return cos, sin
 
 
-def apply(x: Any, cos: Any, sin: Any, fused: bool = False) -> Any:
+def apply(x: Any, cos: Any, sin: Any) -> Any:
     """Rotate x (B, T, H, hd) by the tables (T, 1, hd/2) or (B, T, 1, hd/2)."""
-    if k := fused_kernels(x, fused):
-        return k.rope_apply(x, cos, sin)
     xp = get_array_module(x)
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
     return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def apply_backward(dy: Any, cos: Any, sin: Any, fused: bool = False) -> Any:
+def apply_backward(dy: Any, cos: Any, sin: Any) -> Any:
     """Gradient of `apply` w.r.t. x: the inverse rotation (the tables are constants)."""
-    if k := fused_kernels(dy, fused):
-        return k.rope_apply_backward(dy, cos, sin)
     xp = get_array_module(dy)
     h = dy.shape[-1] // 2
     dy1, dy2 = dy[..., :h], dy[..., h:]

@@ -11,10 +11,11 @@ capture cuBLAS calls ("calling cuBLAS API during stream capture is currently uns
 - attention reads the preallocated KV cache up to that position;
 - the matrix-vector products are a RawKernel of our own (`gemv`), not cuBLAS.
 
-`DecodeStep` is written once against a small set of operations (`ops`): `ArrayOps` is plain array code
-(NumPy or CuPy, the reference, testable on the CPU), `CudaOps` the same operations as CUDA kernels.
-`GraphDecoder` looks like the model to `npllama.generate` (config, new_cache, forward): the prompt runs
-through the model's ordinary forward, each single-token step through the captured graph.
+`DecodeStep` runs the one transformer definition (`npllama.transformer.forward`) with `CudaOps`: the layer
+operations as CUDA kernels, for one token per row at a position held on the device. With kernels off it
+runs the model's own ops (any backend, testable on the CPU). `GraphDecoder` looks like the model to
+`npllama.generate` (config, new_cache, forward): the prompt runs through the model's ordinary forward,
+each single-token step through the captured graph.
 """
 from __future__ import annotations
 
@@ -23,10 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from npllama import transformer
 from npllama.backend import is_cupy, to_host
-from npllama.kernels.cuda import BLOCK_REDUCE
+from npllama.fast import cuda
+from npllama.fast.cuda import BLOCK_REDUCE
 from npllama.kvcache import KVCache
-from npllama.layers import rmsnorm, rope
+from npllama.layers import rope
+from npllama.transformer import Context
 
 
 def decode_tables(config: Any, max_len: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -39,57 +43,6 @@ def decode_tables(config: Any, max_len: int, dtype: Any) -> tuple[np.ndarray, np
         cos, sin = rope.tables(config, np.arange(max_len), dtype)
     h = config.head_dim // 2
     return np.ascontiguousarray(cos.reshape(max_len, h)), np.ascontiguousarray(sin.reshape(max_len, h))
-
-
-class ArrayOps:
-    """The step's operations as plain array code (NumPy or CuPy): the reference for `CudaOps`.
-
-    Shapes: x (B, D) rows; W (out, in); buffers (B_cache, KV, max_len, hd); pos a 1-element int array.
-    """
-
-    def embed(self, W: Any, tok: Any) -> Any:
-        """Rows W[tok] -> (B, D)."""
-        return W[tok]
-
-    def linear(self, x: Any, W: Any, b: Any = None) -> Any:
-        """x (B, in) -> x W^T + b (B, out)."""
-        y = x @ W.T
-        if b is not None:
-            y += b
-        return y
-
-    def rmsnorm(self, x: Any, w: Any, eps: float) -> Any:
-        """RMSNorm of each row."""
-        return rmsnorm.forward(x, w, eps)[0]
-
-    def rope(self, x: Any, cos: Any, sin: Any, pos: Any, n_heads: int) -> Any:
-        """Rotate each head of x (B, n_heads * hd) by table row pos[0]."""
-        p, B = int(pos[0]), x.shape[0]
-        y = rope.apply(x.reshape(B, 1, n_heads, -1), cos[p:p + 1, None], sin[p:p + 1, None])
-        return y.reshape(B, -1)
-
-    def kv_write(self, buf: Any, x: Any, pos: Any) -> None:
-        """buf[b, :, pos[0]] = x[b] as (KV, hd), for the B rows of x."""
-        B, KV, _, hd = x.shape[0], buf.shape[1], buf.shape[2], buf.shape[3]
-        buf[:B, :, int(pos[0])] = x.reshape(B, KV, hd)
-
-    def attend(self, q: Any, kbuf: Any, vbuf: Any, pos: Any, n_heads: int) -> Any:
-        """Causal GQA attention of one query per row over keys 0..pos[0] -> (B, n_heads * hd)."""
-        from npllama.backend import get_array_module
-        xp = get_array_module(q)
-        S, B, KV, hd = int(pos[0]) + 1, q.shape[0], kbuf.shape[1], kbuf.shape[3]
-        k, v = kbuf[:B, :, :S], vbuf[:B, :, :S]                                # (B, KV, S, hd)
-        qg = q.reshape(B, KV, n_heads // KV, hd)                              # head h = kv * G + g
-        s = (qg @ k.transpose(0, 1, 3, 2)) * (hd ** -0.5)                     # (B, KV, G, S)
-        s = xp.exp(s - s.max(axis=-1, keepdims=True))
-        s /= s.sum(axis=-1, keepdims=True)
-        return (s @ v).reshape(B, n_heads * hd)
-
-    def swiglu(self, g: Any, u: Any) -> Any:
-        """silu(g) * u."""
-        from npllama.backend import get_array_module
-        s = 1.0 / (1.0 + get_array_module(g).exp(-g))
-        return g * s * u
 
 
 # One CUDA source, compiled once per dtype with T bound by a typedef (simpler than C++ templates).
@@ -197,13 +150,19 @@ def _module(ctype: str) -> Any:
     return cupy.RawModule(code=f"typedef {ctype} T;\n" + _CUDA_SOURCE)
 
 
-class CudaOps(ArrayOps):
-    """The same operations as CUDA kernels: no cuBLAS and no host synchronization, so a step made of
-    them can be captured into a CUDA graph. RMSNorm and SwiGLU use the fused layer kernels."""
+class CudaOps:
+    """The transformer's layer operations (see npllama.transformer) for one token per row, as CUDA kernels:
+    no cuBLAS and no host synchronization, so a step made of them can be captured into a CUDA graph.
 
-    def __init__(self, dtype: Any) -> None:
+    x is (B, 1, D); ctx.start_pos is the device int32 buffer holding the position, ctx.cos / ctx.sin the
+    whole tables (max_len, hd / 2). Forward only: the caches returned are None. RMSNorm and SwiGLU are the
+    fused layer kernels (npllama.fast.cuda).
+    """
+
+    def __init__(self, config: Any, dtype: Any) -> None:
         import cupy
         self.cp = cupy
+        self.config = config
         self.dtype = np.dtype(dtype)
         mod = _module({np.float32: "float", np.float64: "double"}[self.dtype.type])
         self.k = {name: mod.get_function(name) for name in ("gemv", "embed", "rope_at", "kv_write", "attend")}
@@ -212,13 +171,15 @@ class CudaOps(ArrayOps):
     def _blocks(n: int) -> tuple[int]:
         return ((n + _THREADS - 1) // _THREADS,)
 
-    def embed(self, W: Any, tok: Any) -> Any:
-        B, D = tok.shape[0], W.shape[1]
-        x = self.cp.empty((B, D), dtype=W.dtype)
-        self.k["embed"](self._blocks(B * D), (_THREADS,), (W, tok, x, np.int32(B), np.int32(D)))
-        return x
+    def embedding(self, ids: Any, W: Any) -> tuple[Any, None]:
+        """Rows W[ids] -> (B, 1, D); ids (B, 1) int32 on the device."""
+        B, D = ids.shape[0], W.shape[1]
+        x = self.cp.empty((B, 1, D), dtype=W.dtype)
+        self.k["embed"](self._blocks(B * D), (_THREADS,), (W, ids, x, np.int32(B), np.int32(D)))
+        return x, None
 
-    def linear(self, x: Any, W: Any, b: Any = None) -> Any:
+    def gemv(self, x: Any, W: Any, b: Any = None) -> Any:
+        """x (B, in) -> x W^T + b (B, out), one warp per output row."""
         (B, n_in), n_out = x.shape, W.shape[0]
         if not (x.flags.c_contiguous and W.flags.c_contiguous) or W.shape[1] != n_in:
             # the kernel indexes raw row-major memory: anything else would read the wrong numbers
@@ -230,43 +191,72 @@ class CudaOps(ArrayOps):
             y += b
         return y
 
-    def rmsnorm(self, x: Any, w: Any, eps: float) -> Any:
-        return rmsnorm.forward(x, w, eps, fused=True)[0]
+    def linear(self, x: Any, W: Any) -> tuple[Any, None]:
+        B = x.shape[0]
+        return self.gemv(x.reshape(B, -1), W).reshape(B, 1, -1), None
 
-    def rope(self, x: Any, cos: Any, sin: Any, pos: Any, n_heads: int) -> Any:
+    def rmsnorm(self, x: Any, w: Any) -> tuple[Any, None]:
+        return cuda.rmsnorm_forward(x, w, self.config.rms_norm_eps)[0], None
+
+    def rope_at(self, x: Any, ctx: Context, n_heads: int) -> Any:
+        """Rotate each head of x (B, n_heads * hd) in place by the table row at the position."""
         B, hd = x.shape[0], x.shape[1] // n_heads
         self.k["rope_at"](self._blocks(B * n_heads * (hd // 2)), (_THREADS,),
-                          (x, cos, sin, pos, np.int32(B), np.int32(n_heads), np.int32(hd)))
+                          (x, ctx.cos, ctx.sin, ctx.start_pos, np.int32(B), np.int32(n_heads), np.int32(hd)))
         return x
 
     def kv_write(self, buf: Any, x: Any, pos: Any) -> None:
+        """buf[b, :, pos[0]] = x[b] as (KV, hd), for the B rows of x."""
         B, KV, L, hd = x.shape[0], buf.shape[1], buf.shape[2], buf.shape[3]
         self.k["kv_write"](self._blocks(B * KV * hd), (_THREADS,),
                            (buf, x, pos, np.int32(B), np.int32(KV), np.int32(L), np.int32(hd)))
 
-    def attend(self, q: Any, kbuf: Any, vbuf: Any, pos: Any, n_heads: int) -> Any:
+    def attend(self, q: Any, kbuf: Any, vbuf: Any, pos: Any) -> Any:
+        """Causal GQA attention of one query per row (B, H hd) over the cached keys 0 .. pos[0]."""
+        H = self.config.num_attention_heads
         B, KV, L, hd = q.shape[0], kbuf.shape[1], kbuf.shape[2], kbuf.shape[3]
-        scores = self.cp.empty((B, n_heads, L), dtype=q.dtype)
-        out = self.cp.empty((B, n_heads * hd), dtype=q.dtype)
-        self.k["attend"]((n_heads, B), (_ATTEND_THREADS,),
-                         (q, kbuf, vbuf, pos, scores, out, np.int32(n_heads), np.int32(KV), np.int32(L),
+        scores = self.cp.empty((B, H, L), dtype=q.dtype)
+        out = self.cp.empty((B, H * hd), dtype=q.dtype)
+        self.k["attend"]((H, B), (_ATTEND_THREADS,),
+                         (q, kbuf, vbuf, pos, scores, out, np.int32(H), np.int32(KV), np.int32(L),
                           np.int32(hd), self.dtype.type(hd ** -0.5)))
         return out
 
-    def swiglu(self, g: Any, u: Any) -> Any:
-        from npllama.kernels import cuda
-        return cuda.swiglu_forward(g, u)[2]
+    def attention(self, x: Any, w: dict, i: int, ctx: Context) -> tuple[Any, None]:
+        c = self.config
+        B = x.shape[0]
+        h = x.reshape(B, -1)
+        # the HF-named entries are C-contiguous row blocks of the stacked matrix: the kernel reads them as they are
+        q = self.gemv(h, w["q_proj.weight"], w.get("q_proj.bias"))                    # (B, H hd)
+        k = self.gemv(h, w["k_proj.weight"], w.get("k_proj.bias"))                    # (B, KV hd)
+        v = self.gemv(h, w["v_proj.weight"], w.get("v_proj.bias"))
+        q = self.rope_at(q, ctx, c.num_attention_heads)
+        k = self.rope_at(k, ctx, c.num_key_value_heads)
+        kbuf, vbuf = ctx.cache.layer(i)
+        self.kv_write(kbuf, k, ctx.start_pos)
+        self.kv_write(vbuf, v, ctx.start_pos)
+        o = self.attend(q, kbuf, vbuf, ctx.start_pos)                                  # (B, H hd)
+        return self.gemv(o, w["o_proj.weight"], w.get("o_proj.bias")).reshape(B, 1, -1), None
+
+    def mlp(self, x: Any, w: dict) -> tuple[Any, None]:
+        B = x.shape[0]
+        h = x.reshape(B, -1)
+        gate = self.gemv(h, w["gate_proj.weight"], w.get("gate_proj.bias"))
+        up = self.gemv(h, w["up_proj.weight"], w.get("up_proj.bias"))
+        y = self.gemv(cuda.swiglu_forward(gate, up)[2], w["down_proj.weight"], w.get("down_proj.bias"))
+        return y.reshape(B, 1, -1), None
 
 
 class DecodeStep:
     """One decoding step for all rows of a KV cache at one shared position, on static buffers.
 
     Write [pos, tok_0, ..., tok_{B-1}] into `inp` (int32), call the step: it stores each row's K/V at
-    `pos` and returns the logits (B, V) of the next token. Nothing in a call depends on Python values
-    that change between tokens, which is what lets `GraphDecoder` capture it.
+    `pos` and returns the logits (B, V) of the next token. With CudaOps nothing in a call depends on Python
+    values that change between tokens, which is what lets `GraphDecoder` capture it; with ops=None it runs
+    the model's own layer operations at the position read back from `inp`.
     """
 
-    def __init__(self, model: Any, cache: KVCache, ops: ArrayOps) -> None:
+    def __init__(self, model: Any, cache: KVCache, ops: CudaOps | None = None) -> None:
         xp, c = model.xp, model.config
         self.model, self.cache, self.ops = model, cache, ops
         self.inp = xp.zeros(cache.batch_size + 1, dtype=xp.int32)
@@ -284,29 +274,14 @@ class DecodeStep:
             self.inp[...] = host
 
     def __call__(self) -> Any:
-        c, p, ops, eps = self.model.config, self.model.params, self.ops, self.model.config.rms_norm_eps
-        H, KV = c.num_attention_heads, c.num_key_value_heads
-        x = ops.embed(p["model.embed_tokens.weight"], self.tok)                       # (B, D)
-        for i in range(c.num_hidden_layers):
-            pre = f"model.layers.{i}."
-            a, m = pre + "self_attn.", pre + "mlp."
-            h = ops.rmsnorm(x, p[pre + "input_layernorm.weight"], eps)
-            q = ops.linear(h, p[a + "q_proj.weight"], p.get(a + "q_proj.bias"))        # (B, H hd)
-            k = ops.linear(h, p[a + "k_proj.weight"], p.get(a + "k_proj.bias"))        # (B, KV hd)
-            v = ops.linear(h, p[a + "v_proj.weight"], p.get(a + "v_proj.bias"))
-            q = ops.rope(q, self.cos, self.sin, self.pos, H)
-            k = ops.rope(k, self.cos, self.sin, self.pos, KV)
-            kbuf, vbuf = self.cache.layer(i)
-            ops.kv_write(kbuf, k, self.pos)
-            ops.kv_write(vbuf, v, self.pos)
-            o = ops.attend(q, kbuf, vbuf, self.pos, H)                                  # (B, H hd)
-            x = x + ops.linear(o, p[a + "o_proj.weight"], p.get(a + "o_proj.bias"))
-            h = ops.rmsnorm(x, p[pre + "post_attention_layernorm.weight"], eps)
-            gate = ops.linear(h, p[m + "gate_proj.weight"], p.get(m + "gate_proj.bias"))
-            up = ops.linear(h, p[m + "up_proj.weight"], p.get(m + "up_proj.bias"))
-            x = x + ops.linear(ops.swiglu(gate, up), p[m + "down_proj.weight"], p.get(m + "down_proj.bias"))
-        h = ops.rmsnorm(x, p["model.norm.weight"], eps)
-        return ops.linear(h, self.model._lm_head())                                     # (B, V)
+        B = self.tok.shape[0]
+        if self.ops is not None:
+            ops, ctx = self.ops, Context(self.cos, self.sin, self.cache, self.pos, None)
+        else:   # the model's ops, at the position as a Python int
+            p = int(to_host(self.pos)[0])
+            ops, ctx = self.model.ops, Context(self.cos[p:p + 1, None], self.sin[p:p + 1, None], self.cache, p, None)
+        logits, _ = transformer.forward(ops, self.model.weights(), self.tok.reshape(B, 1), ctx)
+        return logits.reshape(B, -1)                                                   # (B, V)
 
 
 class GraphDecoder:
@@ -317,7 +292,7 @@ class GraphDecoder:
         out = npllama.generate.generate(dec, prompt_ids, max_new_tokens=128)
 
     graph=False runs the same static step eagerly (any backend; on NumPy this is the only choice).
-    kernels=False (eager only) uses `ArrayOps` instead of the CUDA kernels. The graph reads the model's
+    kernels=False (eager only) runs the model's own layer operations instead of the CUDA kernels. The graph reads the model's
     parameter arrays by address: in-place updates (the optimizer's) are seen; replaced arrays trigger a
     new capture. Left-padded batches (positions / attn_mask) fall back to the model's own forward.
     """
@@ -346,7 +321,7 @@ class GraphDecoder:
         if self.cache is None or (self.cache.batch_size, self.cache.max_len) != (batch_size, max_len):
             self._release()
             self.cache = self.model.new_cache(batch_size, max_len)
-            ops = CudaOps(self.model.dtype) if self.kernels else ArrayOps()
+            ops = CudaOps(self.config, self.model.dtype) if self.kernels else None
             self.step = DecodeStep(self.model, self.cache, ops)
         return self.cache
 

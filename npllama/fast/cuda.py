@@ -85,7 +85,7 @@ extern "C" {
 """ + BLOCK_REDUCE + r"""
 // One block per row of scores (B, KV, n*G, S), in place: P = softmax of scores * scale over the keys the
 // row's query may see (key j <= start_pos + t, and km[b, j] when has_mask), 0 for the others. Rows run
-// over (t, g) for the queries t = t0 .. t0 + n - 1 (a block of layers.attention). A row that may see no
+// over (t, g) for the queries t = t0 .. t0 + n - 1 (a block of fast.attention). A row that may see no
 // key gets 1/S everywhere, as the plain code's large finite mask value gives.
 __global__ void causal_softmax(T* __restrict__ s, const bool* __restrict__ km, int has_mask,
                                long long rows_per_slab, int KV, int G, int t0, int S, int kms, int start_pos,
@@ -146,7 +146,7 @@ def _check_rows(*arrays: Any) -> None:
 
 def causal_softmax_(scores: Any, scale: float, start_pos: int, t0: int, G: int, key_mask: Any = None) -> Any:
     """In place on scores (B, KV, n*G, S) = q k^T (unscaled), rows (t, g) for queries t0 .. t0 + n - 1:
-    the attention weights P that layers.attention computes with its mask, max shift, exp and
+    the attention weights P that fast.attention computes with its mask, max shift, exp and
     normalization. key_mask (B, >= S) marks real keys. Returns scores."""
     import cupy
     _check_rows(scores)
@@ -160,7 +160,7 @@ def causal_softmax_(scores: Any, scale: float, start_pos: int, t0: int, G: int, 
 
 
 def softmax_backward_(dP: Any, P: Any, scale: float) -> Any:
-    """In place on dP (rows of S): dS = P * (dP - sum(dP * P)) * scale, as layers.attention.backward. Returns dP."""
+    """In place on dP (rows of S): dS = P * (dP - sum(dP * P)) * scale, as fast.attention.backward. Returns dP."""
     _check_rows(dP, P)
     S = dP.shape[-1]
     fn = _softmax_module(CTYPES[dP.dtype]).get_function("softmax_backward")
@@ -170,11 +170,12 @@ def softmax_backward_(dP: Any, P: Any, scale: float) -> Any:
 
 # ---------------------------------------------------------------- RMSNorm
 def rmsnorm_forward(x: Any, w: Any, eps: float) -> tuple[Any, tuple]:
-    """= layers.rmsnorm.forward: x (..., D), w (D,) -> y, cache (xhat, rstd (..., 1), w)."""
+    """= layers.rmsnorm.forward: x (..., D), w (D,) -> y, RMSNormCache (xhat, rstd (..., 1), w)."""
+    from npllama.layers.rmsnorm import RMSNormCache
     K = _kernels()
     rstd = K.rstd(K.sumsq(x, axis=-1, keepdims=True), x.shape[-1], eps)
     xhat, y = K.rms_apply(x, rstd, w)
-    return y, (xhat, rstd, w)
+    return y, RMSNormCache(xhat, rstd, w)
 
 
 def rmsnorm_backward(dy: Any, cache: tuple) -> tuple[Any, Any]:

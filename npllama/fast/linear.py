@@ -1,0 +1,34 @@
+"""The backward of several projections of one input done as one stacked product (see fast.storage)."""
+from __future__ import annotations
+
+from typing import Any
+
+from npllama.backend import get_array_module
+from npllama.layers import linear
+
+
+def backward_split(names: tuple[str, ...], dys: tuple[Any, ...], caches: tuple, grads: dict[str, Any]) -> Any:
+    """Backward of projections of one input, done as one stacked linear (one cache) or one each.
+
+    dys: each projection's output gradient. Adds '<name>.weight' (and '.bias') to grads; returns dx.
+    With one stacked cache the gradients are row blocks of one stacked dW (views, not copies).
+    """
+    if len(caches) == 1:
+        xp = get_array_module(dys[0])
+        dx, dW, db = linear.backward(xp.concatenate(dys, axis=-1), caches[0])
+        bounds = [0]
+        for d in dys:
+            bounds.append(bounds[-1] + d.shape[-1])
+        for name, a, b in zip(names, bounds[:-1], bounds[1:]):
+            grads[f"{name}.weight"] = dW[a:b]
+            if db is not None:
+                grads[f"{name}.bias"] = db[a:b]
+        return dx
+    dx = None
+    for name, d, c in zip(names, dys, caches):
+        dxi, grads[f"{name}.weight"], db = linear.backward(d, c)
+        if db is not None:
+            grads[f"{name}.bias"] = db
+        dx = dxi if dx is None else dx + dxi
+    return dx
+

@@ -1,0 +1,58 @@
+"""SwiGLU feed-forward, computed faster than its reference `npllama.layers.mlp` (same results): gate and up
+as one stacked product, silu and the product fused into one CUDA kernel on CuPy."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from npllama.backend import fused_kernels, get_array_module
+from npllama.fast.linear import backward_split
+from npllama.layers import linear
+
+
+class FastMLPCache(NamedTuple):
+    inputs: tuple     # the LinearCache of the stacked gate/up product, or one per projection
+    down_proj: linear.LinearCache
+    g: Any            # gate(x) (B, T, I)
+    s: Any            # sigmoid(g)
+    u: Any            # up(x)
+    a: Any            # silu(g)
+
+
+def forward(x: Any, p: dict[str, Any], fused: bool = False) -> tuple[Any, FastMLPCache]:
+    """= layers.mlp.forward: x (B, T, D) -> y (B, T, D); p keyed 'gate_proj.weight', 'up_proj.weight', 'down_proj.weight' (+ biases).
+
+    With 'gate_up_proj.weight' (gate and up stacked by rows; + 'gate_up_proj.bias') one product does both.
+    """
+    xp = get_array_module(x)
+    if "gate_up_proj.weight" in p:
+        gu, cgu = linear.forward(x, p["gate_up_proj.weight"], p.get("gate_up_proj.bias"))   # (B, T, 2 I)
+        I = gu.shape[-1] // 2
+        g, u = gu[..., :I], gu[..., I:]
+        cin: tuple = (cgu,)
+    else:
+        g, cg = linear.forward(x, p["gate_proj.weight"], p.get("gate_proj.bias"))   # (B, T, I)
+        u, cu = linear.forward(x, p["up_proj.weight"], p.get("up_proj.bias"))       # (B, T, I)
+        cin = (cg, cu)
+    if k := fused_kernels(x, fused):
+        s, a, h = k.swiglu_forward(g, u)
+    else:
+        s = 1.0 / (1.0 + xp.exp(-g))                                             # sigmoid(g)
+        a = g * s                                                                # silu(g)
+        h = a * u
+    y, cd = linear.forward(h, p["down_proj.weight"], p.get("down_proj.bias"))
+    return y, FastMLPCache(cin, cd, g, s, u, a)
+
+
+def backward(dy: Any, cache: FastMLPCache, fused: bool = False) -> tuple[Any, dict[str, Any]]:
+    """= layers.mlp.backward: -> dx (B, T, D), grads keyed like p."""
+    cin, cd, g, s, u, a = cache
+    grads: dict[str, Any] = {}
+    dh, grads["down_proj.weight"], db = linear.backward(dy, cd)
+    if db is not None:
+        grads["down_proj.bias"] = db
+    if k := fused_kernels(dh, fused):
+        dg, du = k.swiglu_backward(dh, g, s, u, a)
+    else:
+        du = dh * a
+        dg = dh * u * (s * (1.0 + g * (1.0 - s)))    # silu'(g) = s + g s (1 - s)
+    return backward_split(("gate_proj", "up_proj"), (dg, du), cin, grads), grads

@@ -1,0 +1,233 @@
+"""The speed layer (npllama.fast) equals the reference layers (npllama.layers) in float64, function by
+function (forward and backward) and end to end (logits, every gradient, greedy KV-cache decoding), on
+configurations with GQA/MQA, head_dim != hidden/heads, biases, every rope type, and sequence lengths that
+are not a multiple of the attention's query block."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import npllama
+from conftest import CONFIGS, hf_model, rel_err
+from npllama.config import LlamaConfig
+from npllama.fast import attention as fast_attention, loss as fast_loss, mlp as fast_mlp
+from npllama.fast import rmsnorm as fast_rmsnorm, rope as fast_rope
+from npllama.fast.linear import backward_split
+from npllama.fast.storage import STACKED
+from npllama.layers import attention, linear, loss, mlp, rmsnorm, rope
+
+TOL = 1e-12
+rng = np.random.default_rng(0)
+
+ROPES = [None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 3.0},
+         {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 4}]
+
+
+def close(a, b, tol=TOL):
+    assert a.shape == b.shape and a.dtype == b.dtype == np.float64
+    assert rel_err(a, b) <= tol, rel_err(a, b)
+
+
+def grads_close(ga, gb):
+    assert set(ga) == set(gb)
+    for k in gb:
+        close(ga[k], gb[k])
+
+
+def stacked(p, names, stacked_name):
+    """p with the named projections as row blocks of one matrix (the fast storage layout)."""
+    p = dict(p)
+    for kind in ("weight", "bias"):
+        if f"{names[0]}.{kind}" in p:
+            W = np.concatenate([p[f"{n}.{kind}"] for n in names])
+            p[f"{stacked_name}.{kind}"] = W
+            bounds = np.cumsum([0] + [p[f"{n}.{kind}"].shape[0] for n in names])
+            for n, a, b in zip(names, bounds[:-1], bounds[1:]):
+                p[f"{n}.{kind}"] = W[a:b]
+    return p
+
+
+@pytest.mark.parametrize("scaling", ROPES)
+@pytest.mark.parametrize("block", [64, 5])                  # T = 13: one block, or three with a partial last
+@pytest.mark.parametrize("is_stacked", [False, True])
+@pytest.mark.parametrize("H,KV,hd,bias", [(4, 4, 8, False), (6, 2, 4, True), (4, 1, 12, False)])
+def test_attention(H, KV, hd, bias, is_stacked, block, scaling, monkeypatch):
+    monkeypatch.setattr(fast_attention, "BLOCK", block)
+    D, B, T = 16, 2, 13
+    cfg = LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
+                      num_key_value_heads=KV, head_dim=hd, vocab_size=5, max_position_embeddings=8,
+                      rope_scaling=scaling)
+    cos, sin = rope.tables(cfg, np.arange(T), np.float64)
+    p = {"q_proj.weight": rng.standard_normal((H * hd, D)) * 0.4, "k_proj.weight": rng.standard_normal((KV * hd, D)) * 0.4,
+         "v_proj.weight": rng.standard_normal((KV * hd, D)) * 0.4, "o_proj.weight": rng.standard_normal((D, H * hd)) * 0.4}
+    if bias:
+        for n, k in (("q_proj", H), ("k_proj", KV), ("v_proj", KV)):
+            p[n + ".bias"] = rng.standard_normal(k * hd)
+        p["o_proj.bias"] = rng.standard_normal(D)
+    pf = stacked(p, ("q_proj", "k_proj", "v_proj"), "qkv_proj") if is_stacked else p
+    x, dy = rng.standard_normal((B, T, D)), rng.standard_normal((B, T, D))
+    y_ref, c_ref = attention.forward(x, p, cos, sin, H, KV, hd)
+    y_fast, c_fast = fast_attention.forward(x, pf, cos, sin, H, KV, hd)
+    close(y_fast, y_ref)
+    dx_ref, g_ref = attention.backward(dy, c_ref)
+    dx_fast, g_fast = fast_attention.backward(dy, c_fast)
+    close(dx_fast, dx_ref)
+    grads_close(g_fast, g_ref)
+
+
+@pytest.mark.parametrize("block", [64, 3])
+def test_attention_with_a_kv_cache_and_padding(block, monkeypatch):
+    monkeypatch.setattr(fast_attention, "BLOCK", block)
+    B, T, D, H, KV, hd, start = 3, 7, 24, 6, 2, 4, 5
+    cfg = LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
+                      num_key_value_heads=KV, head_dim=hd, vocab_size=5)
+    p = {f"{n}.weight": 0.3 * rng.standard_normal(s)
+         for n, s in (("q_proj", (H * hd, D)), ("k_proj", (KV * hd, D)), ("v_proj", (KV * hd, D)), ("o_proj", (D, H * hd)))}
+    x = rng.standard_normal((B, T, D))
+    cos, sin = rope.tables(cfg, np.arange(start, start + T), np.float64)
+    key_mask = np.ones((B, start + T), dtype=bool)
+    key_mask[0, :start + 2] = False                     # row 0: its first two queries see no real key at all
+    key_mask[2, :3] = False
+    earlier = rng.standard_normal((2, B, KV, 16, hd))
+    outs = []
+    for impl in (attention, fast_attention):
+        kv = (earlier[0].copy(), earlier[1].copy())
+        outs.append((impl.forward(x, p, cos, sin, H, KV, hd, kv=kv, start_pos=start, key_mask=key_mask)[0], kv))
+    (y_ref, kv_ref), (y_fast, kv_fast) = outs
+    real = key_mask[:, start:]                          # rows of padding queries are never read
+    close(y_fast[real], y_ref[real])
+    close(kv_fast[0], kv_ref[0])
+    close(kv_fast[1], kv_ref[1])
+
+
+@pytest.mark.parametrize("is_stacked", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mlp(is_stacked, bias):
+    D, I = 12, 20
+    p = {"gate_proj.weight": rng.standard_normal((I, D)), "up_proj.weight": rng.standard_normal((I, D)),
+         "down_proj.weight": rng.standard_normal((D, I))}
+    if bias:
+        p.update({"gate_proj.bias": rng.standard_normal(I), "up_proj.bias": rng.standard_normal(I),
+                  "down_proj.bias": rng.standard_normal(D)})
+    pf = stacked(p, ("gate_proj", "up_proj"), "gate_up_proj") if is_stacked else p
+    x, dy = rng.standard_normal((2, 5, D)), rng.standard_normal((2, 5, D))
+    y_ref, c_ref = mlp.forward(x, p)
+    y_fast, c_fast = fast_mlp.forward(x, pf)
+    close(y_fast, y_ref)
+    dx_ref, g_ref = mlp.backward(dy, c_ref)
+    dx_fast, g_fast = fast_mlp.backward(dy, c_fast)
+    close(dx_fast, dx_ref)
+    grads_close(g_fast, g_ref)
+
+
+def test_stacked_linear_backward():
+    x, dys = rng.standard_normal((2, 3, 6)), [rng.standard_normal((2, 3, n)) for n in (4, 2, 2)]
+    Ws = [rng.standard_normal((n, 6)) for n in (4, 2, 2)]
+    bs = [rng.standard_normal(n) for n in (4, 2, 2)]
+    names = ("q_proj", "k_proj", "v_proj")
+    caches = [linear.forward(x, W, b)[1] for W, b in zip(Ws, bs)]
+    one = linear.forward(x, np.concatenate(Ws), np.concatenate(bs))[1]
+    g_sep, g_one = {}, {}
+    dx_sep = backward_split(names, tuple(dys), tuple(caches), g_sep)
+    dx_one = backward_split(names, tuple(dys), (one,), g_one)
+    dx_ref = sum(linear.backward(d, c)[0] for d, c in zip(dys, caches))
+    close(dx_sep, dx_ref)
+    close(dx_one, dx_ref)
+    for n, d, c in zip(names, dys, caches):
+        _, dW, db = linear.backward(d, c)
+        close(g_one[n + ".weight"], dW)
+        close(g_one[n + ".bias"], db)
+        close(g_sep[n + ".weight"], dW)
+
+
+def test_rmsnorm():
+    x, w, dy = rng.standard_normal((3, 4, 10)), rng.standard_normal(10), rng.standard_normal((3, 4, 10))
+    y_ref, c_ref = rmsnorm.forward(x, w, 1e-6)
+    y_fast, c_fast = fast_rmsnorm.forward(x, w, 1e-6)
+    close(y_fast, y_ref)
+    for a, b in zip(rmsnorm.backward(dy, c_ref), fast_rmsnorm.backward(dy, c_fast)):
+        close(b, a)
+
+
+@pytest.mark.parametrize("scaling", ROPES)
+def test_rope(scaling):
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, vocab_size=5,
+                      max_position_embeddings=4, rope_scaling=scaling)
+    cos, sin = rope.tables(cfg, np.arange(9), np.float64)
+    x = rng.standard_normal((2, 9, 2, 8))
+    close(fast_rope.apply(x, cos, sin), rope.apply(x, cos, sin))
+    close(fast_rope.apply_backward(x, cos, sin), rope.apply_backward(x, cos, sin))
+
+
+def test_loss():
+    logits = rng.standard_normal((7, 11)) * 4
+    t = np.array([3, -100, 10, 0, 5, -100, 1])
+    l_ref, c_ref = loss.forward(logits, t)
+    l_fast, c_fast = fast_loss.forward(logits.copy(), t)
+    assert abs(l_fast - l_ref) <= TOL * abs(l_ref)
+    close(fast_loss.backward(1.0, c_fast), loss.backward(1.0, c_ref))
+
+
+# ---------------------------------------------------------------- end to end
+def _models(name, save_hf):
+    d = save_hf(hf_model(**CONFIGS[name]))
+    return (npllama.Llama.from_pretrained(d, dtype="float64"),
+            npllama.Llama.from_pretrained(d, dtype="float64", reference=True))
+
+
+def test_reference_storage_is_plain_and_fast_storage_is_stacked(save_hf):
+    fast, ref = _models("bias-llama3", save_hf)
+    assert ref.reference and not fast.reference
+    assert all(v.base is None for v in ref.params.values())               # one array per HF name
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert fast.params[q].base is fast.params[q.replace("q_proj", "k_proj")].base is not None
+    assert "qkv_proj.weight" in fast.layer(0).self_attn and "qkv_proj.weight" not in ref.layer(0).self_attn
+    for k in ref.params:
+        np.testing.assert_array_equal(fast.params[k], ref.params[k])
+
+
+@pytest.mark.parametrize("block", [64, 16])                 # 16: T = 37 is three blocks, the last partial
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_and_every_gradient(name, block, save_hf, monkeypatch):
+    monkeypatch.setattr(fast_attention, "BLOCK", block)
+    fast, ref = _models(name, save_hf)
+    r = np.random.default_rng(4)
+    ids, targets = r.integers(0, 97, (2, 37)), r.integers(0, 97, (2, 37))
+    targets[0, :4] = -100
+    close(fast.forward(ids), ref.forward(ids))
+    l_fast, g_fast = fast.loss_and_grads(ids, targets)
+    l_ref, g_ref = ref.loss_and_grads(ids, targets)
+    assert abs(l_fast - l_ref) <= TOL * abs(l_ref)
+    assert list(g_fast) == list(g_ref) == list(ref.params)
+    grads_close(g_fast, g_ref)
+
+
+@pytest.mark.parametrize("name", ["gqa-tied-linear", "mqa-headdim-dynamic", "bias-llama3", "gqa6-headdim-tied-theta"])
+def test_greedy_decoding_with_a_kv_cache(name, save_hf):
+    fast, ref = _models(name, save_hf)
+    prompt = np.random.default_rng(5).integers(0, 97, (2, 9))
+    outs = []
+    for m in (fast, ref):
+        cache = m.new_cache(2, 30)
+        logits = m.forward(prompt, cache=cache, last_only=True)
+        steps = [logits]
+        for t in range(20):                                  # dynamic rope: stays below 32 positions
+            nxt = logits[:, -1].argmax(axis=-1)[:, None]
+            logits = m.forward(nxt, cache=cache, start_pos=9 + t, last_only=True)
+            steps.append(logits)
+        outs.append(np.concatenate(steps, axis=1))
+    close(outs[0], outs[1])
+    assert (outs[0].argmax(-1) == outs[1].argmax(-1)).all()
+    # and generate() gives the same new tokens on both paths
+    assert fast.generate(prompt[0].tolist(), max_new_tokens=12, eos_ids=[]) == \
+        ref.generate(prompt[0].tolist(), max_new_tokens=12, eos_ids=[])
+
+
+def test_stacked_names_cover_the_model():
+    # every stacked group names projections that exist in a layer, so the fast path can never skip one
+    shapes = npllama.model.param_shapes(LlamaConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                                    num_attention_heads=2, vocab_size=5))
+    for part, _, names in STACKED:
+        for n in names:
+            assert f"model.layers.0.{part}.{n}.weight" in shapes
