@@ -23,7 +23,7 @@ from npllama.backend import tf32, tf32_enabled, to_host  # noqa: E402
 from npllama.fast import attention, mlp, rmsnorm, rope  # noqa: E402
 from npllama.fast.decode import CudaOps, GraphDecoder  # noqa: E402
 from npllama.kvcache import KVCache  # noqa: E402
-from npllama.layers import attention as ref_attention, mlp as ref_mlp, rmsnorm as ref_rmsnorm  # noqa: E402
+from npllama.layers import attention as ref_attention, mlp as ref_mlp, rmsnorm as ref_rmsnorm, rope as ref_rope  # noqa: E402
 from npllama.transformer import Context  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from test_gpu_paths import DECODE_CONFIGS  # noqa: E402
@@ -147,7 +147,7 @@ def test_fused_rope(dtype, per_row_tables):
     cfg = npllama.LlamaConfig(hidden_size=24, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
                               vocab_size=5)
     positions = rng.integers(0, 50, (B, T)) if per_row_tables else np.arange(3, 3 + T)
-    cos, sin = rope.tables(cfg, positions, dtype, cupy)
+    cos, sin = ref_rope.tables(cfg, positions, dtype, cupy)
     x = cupy.asarray(rng.standard_normal((B, T, H, hd)), dtype=dtype)
     assert err(rope.apply(x, cos, sin, fused=True), rope.apply(x, cos, sin)) <= TOL[dtype]
     xt = cupy.asarray(rng.standard_normal((B, H, T, hd)), dtype=dtype).transpose(0, 2, 1, 3)   # a strided view
@@ -186,7 +186,7 @@ def test_fused_attention_softmax(dtype, block, monkeypatch):
                               num_key_value_heads=KV, head_dim=hd, vocab_size=5)
     x = cupy.asarray(rng.standard_normal((B, T, D)), dtype=dtype)
     dy = cupy.asarray(rng.standard_normal((B, T, D)), dtype=dtype)
-    cos, sin = rope.tables(cfg, np.arange(T), dtype, cupy)
+    cos, sin = ref_rope.tables(cfg, np.arange(T), dtype, cupy)
     y0, c0 = attention.forward(x, p, cos, sin, H, KV, hd)
     y1, c1 = attention.forward(x, p, cos, sin, H, KV, hd, fused=True)
     assert err(y1, y0) <= TOL[dtype]
@@ -197,7 +197,7 @@ def test_fused_attention_softmax(dtype, block, monkeypatch):
     assert_all_close(g1, g0, TOL[dtype])
     # with a KV cache past position 0 and left padding: row 0's first query sees only padding (uniform P)
     start = 3
-    cos, sin = rope.tables(cfg, np.arange(start, start + T), dtype, cupy)
+    cos, sin = ref_rope.tables(cfg, np.arange(start, start + T), dtype, cupy)
     key_mask = np.ones((B, start + T), dtype=bool)
     key_mask[0, :start + 1] = False
     key_mask[2, :2] = False
