@@ -33,9 +33,9 @@ def _check_finite(rows: np.ndarray, live: Sequence[bool], step: int) -> None:
     for b, alive in enumerate(live):
         if alive and not np.isfinite(rows[b]).all():
             v = rows[b][~np.isfinite(rows[b])][0]
-            raise NonFiniteLogits(f"the model's logits are not finite ({v}) at new token {step + 1}"
-                                  f"{f' of prompt {b}' if len(live) > 1 else ''}: the model's weights hold NaN or infinite "
-                                  "values, or its computation overflowed")
+            which = f" of prompt {b}" if len(live) > 1 else ""
+            raise NonFiniteLogits(f"the model's logits are not finite ({v}) at new token {step + 1}{which}: "
+                                  "the model's weights hold NaN or infinite values, or its computation overflowed")
 
 
 @dataclass(frozen=True)

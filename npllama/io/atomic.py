@@ -1,4 +1,4 @@
-"""Files and folders written whole or not at all: built under a temp name beside the target, renamed over it once complete.
+"""Files and folders written whole or not at all: built under a temp name beside the target, then renamed over it.
 
 Every temp entry's name starts with TEMP_PREFIX and is unique (mkstemp / mkdtemp), so two writers
 never share one, and a folder's owner can sweep what a killed run left (remove_stale_temps).

@@ -89,7 +89,7 @@ def _prune(root: str, keep: int, protect: str) -> None:
 def _inside(root: str, name: str, ptr: str) -> str:
     """root/name for the name read from the pointer file `ptr`: one plain entry of `root`, never a way out of it."""
     if not name or os.path.isabs(name) or any(c in name for c in ("/", "\\", "\x00")) or name in (".", ".."):
-        raise CheckpointError(f"{ptr} holds {name!r:.80}: not the name of a checkpoint inside {root}")
+        raise CheckpointError(f"{ptr} holds {name[:200]!r}: not the name of a checkpoint inside {root}")
     path = os.path.join(root, name)
     real = os.path.realpath(path)
     if os.path.dirname(real) != os.path.realpath(root):

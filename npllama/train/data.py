@@ -174,7 +174,8 @@ class TokenFile:
             self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
             self.vocab_size, n = int(meta["vocab_size"]), int(meta["num_tokens"])
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{side}: bad or missing dtype / vocab_size / num_tokens ({type(e).__name__}: {e})") from None
+            raise DataError(f"{side}: bad or missing dtype / vocab_size / num_tokens "
+                            f"({type(e).__name__}: {e})") from None
         if self.dtype not in (np.dtype("<u2"), np.dtype("<u4")) or n < 0 or self.vocab_size <= 0:
             raise DataError(f"{side}: dtype {meta['dtype']!r}, num_tokens {n} and vocab_size {self.vocab_size} "
                             "must be uint16/uint32, >= 0 and > 0")

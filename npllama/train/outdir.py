@@ -1,4 +1,4 @@
-"""A run's output folder (--out) has one writer: an exclusive lock held for the whole run, then a sweep of what a killed run left.
+"""A run's output folder (--out) has one writer: an exclusive lock held for the whole run; killed runs' temps swept.
 
 The lock is an flock on `<out>/.lock`: the kernel drops it when the process ends, however it
 ends, so a killed trainer never leaves the folder locked. Only while holding it is it safe to

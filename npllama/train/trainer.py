@@ -22,7 +22,8 @@ from typing import Any, Callable, TextIO
 import numpy as np
 
 from npllama.io.atomic import atomic_path
-from npllama.train.checkpoint import CheckpointError, first_nonfinite, latest_checkpoint, load_checkpoint, save_checkpoint
+from npllama.train.checkpoint import (CheckpointError, first_nonfinite, latest_checkpoint, load_checkpoint,
+                                      save_checkpoint)
 from npllama.train.clip import clip_grad_norm, grad_norm
 from npllama.train.data import Batcher, eval_batches
 from npllama.train.optim import Optimizer, make_optimizer
