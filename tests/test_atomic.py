@@ -139,3 +139,7 @@ def test_stale_temps_are_removed_and_nothing_else(tmp_path):
     assert remove_stale_temps(str(tmp_path)) == [TEMP_PREFIX + "d", TEMP_PREFIX + "f"]
     assert os.listdir(tmp_path) == ["model.tmp"]
     assert remove_stale_temps(str(tmp_path / "missing")) == []
+    (tmp_path / (TEMP_PREFIX + "step_000002-ab")).mkdir()
+    (tmp_path / (TEMP_PREFIX + "notes")).write_text("a user's file")
+    assert remove_stale_temps(str(tmp_path), targets=("step_",)) == [TEMP_PREFIX + "step_000002-ab"]
+    assert sorted(os.listdir(tmp_path)) == [TEMP_PREFIX + "notes", "model.tmp"]

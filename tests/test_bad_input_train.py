@@ -294,18 +294,20 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_one_line(tmp_path, tra
 def test_stale_temp_entries_are_swept_at_start(tmp_path, trained, monkeypatch, capsys):
     c = Ctx(tmp_path, trained, monkeypatch)
     out = c.run_copy()
-    stale = [out / ".tmp-history.jsonl-k1ll3d", out / "checkpoints" / ".tmp-step_000003-x9", out / "data" / ".tmp-t"]
+    stale = [out / ".tmp-history.jsonl-k1ll3d", out / "checkpoints" / ".tmp-step_000003-x9",
+             out / "data" / ".tmp-tokens.bin-q2.bin"]
     (out / "data").mkdir(exist_ok=True)
     stale[0].write_text("half")
     stale[1].mkdir()
     (stale[1] / "model.safetensors").write_bytes(b"\0" * 10)
     stale[2].write_bytes(b"\0")
-    (out / "notes.tmp").write_text("mine")                           # not a temp entry of ours: kept
+    (out / "notes.tmp").write_text("mine")                           # not temp entries of ours: kept
+    (out / ".tmp-notes").write_text("mine too")
     assert cli(c.resume(out)) == 0
     assert not any(p.exists() for p in stale)
-    assert (out / "notes.tmp").read_text() == "mine"
+    assert (out / "notes.tmp").read_text() == "mine" and (out / ".tmp-notes").read_text() == "mine too"
     assert "removed" in capsys.readouterr().err
-    assert not [n for d in (out, out / "checkpoints") for n in os.listdir(d) if n.startswith(".tmp-")]
+    assert not [n for d in (out / "checkpoints", out / "data") for n in os.listdir(d) if n.startswith(".tmp-")]
 
 
 def test_two_concurrent_trainers_the_second_fails_at_once(tmp_path):

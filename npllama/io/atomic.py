@@ -10,7 +10,7 @@ import errno
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Iterable, Iterator
 
 TEMP_PREFIX = ".tmp-"
 _EXISTING = ("replace", "merge", "keep")
@@ -143,13 +143,15 @@ def atomic_dir(path: str, existing: str = "replace", fsync: bool = False) -> Ite
         raise err from e
 
 
-def remove_stale_temps(folder: str) -> list[str]:
-    """Delete the temp entries a killed writer left in `folder`; returns their names.
+def remove_stale_temps(folder: str, targets: Iterable[str] | None = None) -> list[str]:
+    """Delete the temp entries a killed writer left in `folder` (those of `targets` when given); returns their names.
 
+    `targets` are the start of the target names, e.g. ("history.jsonl", "step_"): a user's own `.tmp-x` survives.
     Only for a folder the caller owns exclusively (e.g. under a lock): a live writer's temp would go too.
     """
+    starts = tuple(TEMP_PREFIX + t for t in targets) if targets is not None else (TEMP_PREFIX,)
     try:
-        names = sorted(n for n in os.listdir(folder) if n.startswith(TEMP_PREFIX))
+        names = sorted(n for n in os.listdir(folder) if n.startswith(starts))
     except (FileNotFoundError, NotADirectoryError):
         return []
     for n in names:

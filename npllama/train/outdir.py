@@ -21,7 +21,9 @@ except ImportError:            # Windows: no flock; the run goes unlocked
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
-SUBFOLDERS = ("", "checkpoints", "data")    # where the trainer's writers put their temp entries
+# where the trainer's writers put their temp entries, and the targets they are named after
+TEMPS = {"": ("history.jsonl", "loss.png", "train_config.json", "final"), "checkpoints": ("step_", "latest"),
+         "data": ("tokens.bin",)}
 
 
 class OutputInUse(NpllamaError, BlockingIOError):
@@ -49,8 +51,8 @@ def claim_output(out: str) -> Iterator[str]:
                                   f"wait for it to finish or choose another --out") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        for sub in SUBFOLDERS:
-            left = remove_stale_temps(os.path.join(out, sub))
+        for sub, targets in TEMPS.items():
+            left = remove_stale_temps(os.path.join(out, sub), targets)
             if left:
                 print(f"note: removed {len(left)} temp entr{'y' if len(left) == 1 else 'ies'} an interrupted run "
                       f"left in {os.path.join(out, sub)}", file=sys.stderr)
