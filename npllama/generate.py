@@ -19,6 +19,23 @@ from typing import Any
 import numpy as np
 
 from npllama.backend import to_host
+from npllama.errors import NpllamaError
+
+
+class NonFiniteLogits(NpllamaError, ValueError):
+    """The model produced NaN or infinite logits (broken weights or an overflow); nothing is sampled from them."""
+
+
+def _check_finite(rows: np.ndarray, live: Sequence[bool], step: int) -> None:
+    """Refuse to sample from a row of (B, V) logits that holds a NaN or an infinity (rows already done are skipped)."""
+    if np.isfinite(rows).all():
+        return
+    for b, alive in enumerate(live):
+        if alive and not np.isfinite(rows[b]).all():
+            v = rows[b][~np.isfinite(rows[b])][0]
+            which = f" of prompt {b}" if len(live) > 1 else ""
+            raise NonFiniteLogits(f"the model's logits are not finite ({v}) at new token {step + 1}{which}: "
+                                  "the model's weights hold NaN or infinite values, or its computation overflowed")
 
 
 @dataclass(frozen=True)
@@ -195,7 +212,9 @@ def iter_tokens(model: Any, prompts: list[list[int]], max_new_tokens: int = 32, 
                            attn_mask=mask[:, :L] if ragged else None, last_only=True)
     done = [False] * B
     for t in range(steps):
-        nxt = sample(to_host(logits)[:, -1, :], sampling, rngs, seen)
+        rows = to_host(logits)[:, -1, :]              # the host copy the sampler reads anyway: no extra sync
+        _check_finite(rows, [not d for d in done], t)
+        nxt = sample(rows, sampling, rngs, seen)
         out: list[int | None] = []
         for b in range(B):
             if done[b]:

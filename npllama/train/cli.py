@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from npllama.io.atomic import atomic_path
 from npllama.train.trainer import TrainConfig, Trainer, TrainingDiverged
 
 # flag -> TrainConfig field, for the settings a resumed run takes from its checkpoint unless given again
@@ -106,11 +107,18 @@ def _tokens(args: argparse.Namespace, vocab_size: int) -> Any:
     if tf.vocab_size > vocab_size:
         raise SystemExit(f"error: {tf.path} was made with a vocabulary of {tf.vocab_size} ids, "
                          f"the model has only {vocab_size}")
+    tf.check_ids(vocab_size)
     return tf
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `train` with parsed arguments; returns the exit code (0 done, 1 diverged, 2 bad input)."""
+    from npllama.train.outdir import claim_output
+    with claim_output(args.out):      # one trainer per --out; a second one fails here, naming the folder
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from npllama.config import LlamaConfig
     from npllama.model import Llama
     from npllama.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -154,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resume:
             trainer.resume(path)
             print(f"resumed from {path} at step {trainer.step}", flush=True)
-        with open(os.path.join(args.out, "train_config.json"), "w", encoding="utf-8") as f:
+        with atomic_path(os.path.join(args.out, "train_config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"train": asdict(cfg), "dtype": model.dtype.name, "backend": model.backend, **run_meta}, f, indent=1)
         try:
             trainer.fit()

@@ -21,6 +21,7 @@ from npllama.errors import NpllamaError
 
 FORMAT = "npllama-tokens-v1"
 CHUNK_CHARS = 1 << 20          # encode big files in ~1 MB pieces, each ending at a line break
+CHECK_CHUNK = 1 << 24          # ids checked 16 Mi at a time: a bounded scratch array for any file size
 
 
 class DataError(NpllamaError, ValueError):
@@ -50,6 +51,9 @@ def text_files(paths: str | Iterable[str]) -> list[str]:
                 raise DataError(f"{p}: directory has no *.txt files")
             out += found
         elif os.path.isfile(p):
+            if p.endswith(".bin"):    # never tokenized as text: say what is wrong with it as a token file
+                TokenFile(p)
+                raise DataError(f"{p}: a token file is given alone as --data, not mixed with other files")
             out.append(p)
         else:
             raise DataError(f"{p}: no such file or directory")
@@ -131,10 +135,12 @@ def write_token_file(ids: Any, out: str, vocab_size: int) -> TokenFile:
     dt = token_dtype(vocab_size)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise DataError(f"token ids must be in [0, {vocab_size}), got {int(ids.min())}..{int(ids.max())}")
-    ids.astype(dt.newbyteorder("<")).tofile(out)
-    with open(out + ".json", "w", encoding="utf-8") as f:
-        json.dump({"format": FORMAT, "dtype": dt.name, "num_tokens": int(ids.size), "vocab_size": vocab_size,
-                   "eos_id": None, "sources": []}, f, indent=1)
+    # as in build_token_file: the data goes into place before the sidecar that vouches for it
+    with atomic_path(out + ".json") as tmp_meta, atomic_path(out, suffix=".bin") as tmp:
+        ids.astype(dt.newbyteorder("<")).tofile(tmp)
+        with open(tmp_meta, "w", encoding="utf-8") as f:
+            json.dump({"format": FORMAT, "dtype": dt.name, "num_tokens": int(ids.size), "vocab_size": vocab_size,
+                       "eos_id": None, "sources": []}, f, indent=1)
     return TokenFile(out)
 
 
@@ -160,12 +166,19 @@ class TokenFile:
             raise DataError(f"{self.path}: not a token file (no sidecar {side})") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{side}: corrupt token-file sidecar ({e})") from None
-        if meta.get("format") != FORMAT:
-            raise DataError(f"{side}: format {meta.get('format')!r} is not {FORMAT!r}")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise DataError(f"{side}: format {got!r} is not {FORMAT!r}")
         self.meta = meta
-        self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        self.vocab_size = int(meta["vocab_size"])
-        n = int(meta["num_tokens"])
+        try:
+            self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+            self.vocab_size, n = int(meta["vocab_size"]), int(meta["num_tokens"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{side}: bad or missing dtype / vocab_size / num_tokens "
+                            f"({type(e).__name__}: {e})") from None
+        if self.dtype not in (np.dtype("<u2"), np.dtype("<u4")) or n < 0 or self.vocab_size <= 0:
+            raise DataError(f"{side}: dtype {meta['dtype']!r}, num_tokens {n} and vocab_size {self.vocab_size} "
+                            "must be uint16/uint32, >= 0 and > 0")
         size = os.path.getsize(self.path) if os.path.exists(self.path) else -1
         if size != n * self.dtype.itemsize:
             raise DataError(f"{self.path}: has {size} bytes, its sidecar promises {n} {self.dtype.name} tokens "
@@ -174,6 +187,16 @@ class TokenFile:
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
+
+    def check_ids(self, vocab_size: int, chunk: int = CHECK_CHUNK) -> None:
+        """Refuse an id >= `vocab_size`, naming the file and the first bad token's offset (reads in chunks)."""
+        t = self.tokens
+        for start in range(0, len(t), chunk):
+            block = t[start:start + chunk]                   # a view of the map: no copy of the file
+            if int(block.max()) >= vocab_size:
+                i = start + int(np.argmax(block >= vocab_size))
+                raise DataError(f"{self.path}: token {i} (byte offset {i * self.dtype.itemsize}) is id {int(t[i])}, "
+                                f"not below the model's vocab_size {vocab_size}")
 
     def split(self, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
         """(train, val) views: the last `val_fraction` of the tokens is held out for validation."""

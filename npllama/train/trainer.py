@@ -21,7 +21,9 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from npllama.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from npllama.io.atomic import atomic_path
+from npllama.train.checkpoint import (CheckpointError, first_nonfinite, latest_checkpoint, load_checkpoint,
+                                      save_checkpoint)
 from npllama.train.clip import clip_grad_norm, grad_norm
 from npllama.train.data import Batcher, eval_batches
 from npllama.train.optim import Optimizer, make_optimizer
@@ -31,6 +33,10 @@ from npllama.errors import NpllamaError
 
 class TrainingDiverged(NpllamaError, RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the run stopped before updating."""
+
+
+class TrainConfigError(NpllamaError, ValueError):
+    """A training setting out of range (not finite, negative, longer than the model's context); names the flag."""
 
 
 @dataclass
@@ -58,14 +64,27 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        def bad(name: str, want: str) -> TrainConfigError:
+            return TrainConfigError(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)!r}")
         for name in ("steps", "batch_size", "seq_len", "accum"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise bad(name, "positive")
         for name in ("warmup", "eval_every", "eval_batches", "save_every", "log_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.clip < 0:
-            raise ValueError(f"clip must be >= 0 (0 disables clipping), got {self.clip}")
+                raise bad(name, ">= 0")
+        # a NaN compares false with everything, so each range is written as what it must be, not what it must not
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "a finite number > 0")
+        for name in ("min_lr", "weight_decay"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "a finite number >= 0")
+        if not (math.isfinite(self.clip) and self.clip >= 0):
+            raise bad("clip", "a finite number >= 0 (0 disables clipping)")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise bad(name, "in [0, 1)")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise bad("eps", "a finite number > 0")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -102,6 +121,10 @@ class Trainer:
         kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps) if cfg.optimizer == "adamw" else {}
         self.opt: Optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay, **kw)
         self.schedule = Schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.min_lr, cfg.schedule)
+        ctx = model.config.max_position_embeddings
+        if cfg.seq_len > ctx:
+            raise TrainConfigError(f"--seq-len {cfg.seq_len} is longer than the model's context "
+                                   f"(max_position_embeddings = {ctx})")
         self.step = 0                                       # optimizer steps done
         self.history: list[dict[str, Any]] = []             # one record per step (and per eval)
         self.last_checkpoint: str | None = None
@@ -136,10 +159,11 @@ class Trainer:
         self.step += 1
         return {"step": self.step, "loss": total_loss, "lr": lr, "grad_norm": norm}
 
-    def _diverged_msg(self, what: str) -> str:
-        where = self.last_checkpoint or "none was written in this run"
-        return (f"training diverged at step {self.step + 1}: {what}. Stopped before updating the parameters. "
-                f"Last good checkpoint: {where}. Try a lower --lr, a longer --warmup or --clip 1.0.")
+    def _diverged_msg(self, what: str, where: str | None = None, before: bool = True) -> str:
+        good = self.last_checkpoint or "none was written in this run"
+        stopped = "Stopped before updating the parameters" if before else "Not saved as a checkpoint"
+        return (f"training diverged at {where or f'step {self.step + 1}'}: {what}. {stopped}. "
+                f"Last good checkpoint: {good}. Try a lower --lr, a longer --warmup or --clip 1.0.")
 
     def evaluate(self) -> float:
         """Mean validation loss over the fixed validation batches."""
@@ -153,7 +177,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
-        """Write a checkpoint of the current state (atomic) and return its path."""
+        """Write a checkpoint of the current state (atomic) and return its path; refuses non-finite parameters."""
+        bad = first_nonfinite(self.model.params)
+        if bad is not None:   # such a checkpoint is never written, so `latest` and the "last good" one stay good
+            raise TrainingDiverged(self._diverged_msg(f"parameter {bad!r} is not finite after the update",
+                                                      where=f"step {self.step}", before=False))
         state = {"train_config": asdict(self.cfg), "data": {"train": self.train.state_dict()},
                  "tokens_seen": self.tokens_per_step * self.step, "dtype": self.model.dtype.name, **self.extra_state}
         self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.step, self.model.params, self.opt.state_dict(),
@@ -167,6 +195,9 @@ class Trainer:
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir} (no 'latest' pointer)")
         ck = load_checkpoint(path, dtype=self.model.dtype)
+        bad = first_nonfinite(ck["params"])
+        if bad is not None:
+            raise CheckpointError(f"{ck['path']}: parameter {bad!r} is not finite: not a checkpoint to resume from")
         missing = sorted(set(self.model.params) - set(ck["params"]))
         if missing:
             raise ValueError(f"{ck['path']}: checkpoint lacks parameter {missing[0]!r} of this model")
@@ -227,10 +258,9 @@ class Trainer:
     # ------------------------------------------------------------------ history and plot
     def _write_history(self) -> None:
         path = os.path.join(self.out_dir, "history.jsonl")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for h in self.history:
                 f.write(json.dumps(h) + "\n")
-        os.replace(path + ".tmp", path)
 
     def _read_history(self) -> list[dict[str, Any]]:
         path = os.path.join(self.out_dir, "history.jsonl")
@@ -261,9 +291,12 @@ class Trainer:
         ax.grid(alpha=0.3)
         ax.legend()
         path = os.path.join(self.out_dir, "loss.png")
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        try:
+            with atomic_path(path, suffix=".png") as tmp:
+                fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        finally:
+            plt.close(fig)
         return path
 
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged"]
+__all__ = ["TrainConfig", "TrainConfigError", "Trainer", "TrainingDiverged"]
