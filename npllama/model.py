@@ -5,20 +5,17 @@ reference layers (`reference=True`) or the speed layer (the default).
 from __future__ import annotations
 
 import functools
-import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from npllama import transformer
 from npllama.backend import backend_name, get_backend, int_range, is_cupy, resolve_dtype, tf32, to_host
 from npllama.config import LlamaConfig
-from npllama.hostmem import keep_freed_memory
-from npllama import transformer
 from npllama.fast import storage
 from npllama.fast.ops import FastOps
+from npllama.hostmem import keep_freed_memory
 from npllama.kvcache import KVCache
 from npllama.layers import rope
 from npllama.transformer import Context, LayerWeights, ReferenceOps, Weights
@@ -174,25 +171,13 @@ class Llama:
         return model
 
     def save_pretrained(self, path: str) -> None:
-        """Write config.json + model.safetensors (HF layout) into `path`, replacing it only when complete."""
+        """Write config.json + model.safetensors (HF layout) into `path`, replacing them only when complete
+        (other files already in the folder, a tokenizer say, are kept)."""
+        from npllama.io.atomic import atomic_dir
         from npllama.io.safetensors import save_file
-        path = os.path.abspath(os.fspath(path))
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-        try:
+        with atomic_dir(os.fspath(path), existing="merge") as tmp:
             save_file(self.params, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             self.config.save(os.path.join(tmp, "config.json"))
-            if os.path.isdir(path):
-                # keep other files (tokenizer, ...) already there; replace ours
-                for f in ("model.safetensors", "config.json"):
-                    os.replace(os.path.join(tmp, f), os.path.join(path, f))
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """Preallocated K/V buffers for `batch_size` sequences of up to `max_len` tokens."""
