@@ -17,7 +17,9 @@ import numpy as np
 from npllama.backend import to_host
 from npllama.io import jsonfile
 from npllama.io.atomic import atomic_path
+from npllama.io.expected import check_config, check_tensors, shapes_of
 from npllama.io.paths import inside
+from npllama.config import LlamaConfig
 from npllama.errors import NpllamaError
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -231,26 +233,22 @@ def load_params(path: str, expected: dict[str, tuple[int, ...]], dtype: Any, opt
     with `out` (name -> preallocated host array), each is read into its array, which is returned.
     """
     files = open_checkpoint(path)
-    optional = set(optional)
-    ignorable = lambda k: k.endswith("rotary_emb.inv_freq")  # old exports saved this buffer
-    unexpected = sorted(k for k in files if k not in expected and k not in optional and not ignorable(k))
-    if unexpected:
-        raise WeightsError(f"{path}: unexpected tensor {unexpected[0]!r}"
-                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-                           + " - not part of this model's config")
-    missing = [k for k in expected if k not in files]
-    if missing:
-        raise WeightsError(f"{path}: missing tensor {missing[0]!r}"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for name, shape in expected.items():  # every shape is checked before a byte is read
-        found = files[name].shape(name)
-        if found != tuple(shape):
-            raise WeightsError(f"{files[name].path}: tensor {name!r} has shape {list(found)}, expected {list(shape)}")
+    # every name and shape is checked before a byte is read
+    check_tensors(expected, shapes_of(files), lambda k: files[k].path, WeightsError, path, optional)
     if out is not None:
         for name in expected:
             files[name].read_into(name, out[name])
         return out
     return {name: files[name].get(name, dtype) for name in expected}
+
+
+def check_checkpoint(path: str, config: LlamaConfig) -> None:
+    """Compare what `config` calls for with the checkpoint's headers at `path`, before any storage is allocated."""
+    files = open_checkpoint(path)
+    # transformers may write lm_head.weight even when tied; it is the same tensor, so it is not needed
+    optional = ["lm_head.weight"] if config.tie_word_embeddings else []
+    check_config(config, shapes_of(files), lambda k: files[k].path, WeightsError, path,
+                 os.path.join(path, "config.json"), optional)
 
 
 def save_file(tensors: dict[str, Any], path: str, metadata: dict[str, str] | None = None) -> None:
