@@ -9,6 +9,7 @@ from typing import Any
 from npllama.errors import NpllamaError
 from npllama.io import jsonfile
 from npllama.io.atomic import atomic_path
+from npllama.io.paths import inside
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -128,9 +129,12 @@ class LlamaConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> LlamaConfig:
-        """Read a Hugging Face config.json file (a regular file of bounded size and nesting)."""
+        """Read a Hugging Face config.json (a bounded regular file, not a symlink out of its folder)."""
+        path = os.fspath(path)
+        # a config.json inside a model folder must not be a symlink out of it
+        inside(os.path.dirname(path) or ".", os.path.basename(path), path)
         try:
-            d = jsonfile.read(os.fspath(path))
+            d = jsonfile.read(path)
         except FileNotFoundError:
             raise ConfigError(f"{path}: config.json not found") from None
         except OSError as e:
