@@ -51,7 +51,7 @@ def read(path: str, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> A
     if st.st_size > max_bytes:
         raise ValueError(f"{st.st_size} bytes, more than the {max_bytes} a JSON file here may have")
     with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
+        data = f.read(st.st_size + 1)  # read(n) allocates n bytes up front: ask for what the file holds
     if len(data) > max_bytes:
         raise ValueError(f"more than the {max_bytes} bytes a JSON file here may have")
     return loads(data, max_depth)

@@ -88,13 +88,19 @@ class SafetensorsFile:
             if b - a != int(np.prod(shape, dtype=object)) * _ITEMSIZE[dt]:
                 raise WeightsError(f"{path}: corrupt header: tensor {name!r} has {b - a} bytes for shape {shape} {dt}")
             spans.append((a, b, name))
-        # as the safetensors library requires: sorted by offset, each tensor starts where the last ended
+        # as the safetensors library requires: sorted by offset, each tensor starts where the last ended.
+        # Shared bytes are looked for first: they are the worse fault, and the one to name.
+        spans.sort()
+        for (a0, b0, n0), (a, b, name) in zip(spans, spans[1:]):
+            if a < b0 or (a, b) == (a0, b0) and a < b:
+                what = "has the same data_offsets as" if (a, b) == (a0, b0) else "overlaps"
+                raise WeightsError(f"{path}: corrupt header: tensor {name!r} (data_offsets [{a}, {b}]) {what} "
+                                   f"tensor {n0!r} ([{a0}, {b0}])")
         end, last = 0, None
-        for a, b, name in sorted(spans):
+        for a, b, name in spans:
             if a != end:
-                what = (f"overlaps tensor {last!r}" if a < end else f"leaves a gap of {a - end} bytes after "
-                        + (repr(last) if last else "the header"))
-                raise WeightsError(f"{path}: corrupt header: tensor {name!r} (data_offsets [{a}, {b}]) {what}")
+                raise WeightsError(f"{path}: corrupt header: tensor {name!r} (data_offsets [{a}, {b}]) leaves a gap "
+                                   f"of {a - end} bytes after " + (repr(last) if last else "the header"))
             end, last = b, name
         if end != data_size:
             raise WeightsError(f"{path}: corrupt file: {data_size - end} bytes after the last tensor's data")
