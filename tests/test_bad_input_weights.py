@@ -211,7 +211,8 @@ ROWS = [
      WeightsError, r"model.safetensors.index.json: .*nested 100000 levels"),
     ("index-not-json", shard(lambda i: "{weight_map: "),
      WeightsError, r"model.safetensors.index.json: .*not valid JSON"),
-    ("index-shard-symlink-out", lambda d: (shard(lambda i: None)(d), symlink_out("model-00001-of-00001.safetensors")(d)),
+    ("index-shard-symlink-out",
+     lambda d: (shard(lambda i: None)(d), symlink_out("model-00001-of-00001.safetensors")(d)),
      OutsideFolderError, r"weight_map\[.*'model-00001-of-00001.safetensors' resolves to .*secret.safetensors, outside"),
     ("index-tensor-not-in-shard", shard(lambda i: i["weight_map"].__setitem__("model.extra.weight",
                                                                             "model-00001-of-00001.safetensors")),
@@ -308,7 +309,8 @@ ROWS = [
     ("cfg-head-dim-odd", set_config(head_dim=3), ConfigError, r"config.json: head_dim=3 must be even"),
     ("cfg-max-pos-zero", set_config(max_position_embeddings=0), ConfigError,
      r"config.json: .*'max_position_embeddings'"),
-    ("cfg-heads-not-dividing-hidden", set_config(num_attention_heads=3, num_key_value_heads=3, head_dim=None), ConfigError,
+    ("cfg-heads-not-dividing-hidden", set_config(num_attention_heads=3, num_key_value_heads=3, head_dim=None),
+     ConfigError,
      r"config.json: hidden_size=8 is not a multiple of num_attention_heads=3"),
     ("cfg-kv-not-dividing-heads", set_config(num_attention_heads=4, num_key_value_heads=3), ConfigError,
      r"config.json: num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
@@ -671,3 +673,16 @@ def test_random_config_mutations_give_only_npllama_errors(tmp_path_factory, vali
         json.dump(config, f)
     _assert_only_npllama_errors(lambda: LlamaConfig.from_json(os.path.join(d, "config.json")))
     _assert_only_npllama_errors(lambda: npllama.Llama.from_pretrained(d))
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "model.gguf"])
+def test_tokenizer_folder_files_stay_inside(tmp_path, name):
+    """A tokenizer folder whose files link out of it is refused before anything is read."""
+    d = tmp_path / "tok"
+    d.mkdir()
+    (tmp_path / "outside").write_text("{}")
+    if name == "tokenizer_config.json":
+        (d / "tokenizer.json").write_text("{}")
+    os.symlink(tmp_path / "outside", d / name)
+    with pytest.raises(OutsideFolderError, match=rf"'{re.escape(name)}' resolves to .*outside, outside"):
+        npllama.Tokenizer.from_pretrained(str(d))

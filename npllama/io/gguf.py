@@ -181,8 +181,8 @@ def load_gguf(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
             raise GGUFError(f"{path}: tensors {names[name]!r} and {t.name!r} both hold {name!r}")
         names[name] = t.name
     # every tensor's name and shape against the config, before anything is dequantized
-    check_config(config, {k: shapes[g] for k, g in names.items()}, lambda k: f"{path} (GGUF tensor {names.get(k, k)!r})",
-                 GGUFError, path, path)
+    where = lambda k: f"{path} (GGUF tensor {names.get(k, k)!r})"
+    check_config(config, {k: shapes[g] for k, g in names.items()}, where, GGUFError, path, path)
     params: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         name = hf_name(t.name)
