@@ -137,10 +137,11 @@ class Llama:
             model._setup(config, backend, dtype, fused, tf32, reference)
             model._fill(params, consume=True)
             return model
-        from npllama.io.safetensors import WeightsError, load_params
+        from npllama.io.safetensors import WeightsError, check_checkpoint, load_params
         if not os.path.isdir(path):
             raise WeightsError(f"{path}: not a model directory or .gguf file")
         config = LlamaConfig.from_json(os.path.join(path, "config.json"))
+        check_checkpoint(path, config)  # names and shapes against the headers, before anything is allocated
         # transformers may write lm_head.weight even when tied; it is the same tensor, so it is not needed
         optional = ["lm_head.weight"] if config.tie_word_embeddings else []
         model._setup(config, backend, dtype, fused, tf32, reference)

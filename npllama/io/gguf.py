@@ -17,6 +17,7 @@ import numpy as np
 
 from npllama.config import ConfigError, LlamaConfig
 from npllama.errors import NpllamaError
+from npllama.io.expected import check_config
 
 
 class GGUFError(NpllamaError, ValueError):
@@ -87,53 +88,65 @@ def config_from_metadata(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]
     if arch != "llama":
         raise GGUFError(f"{source}: general.architecture is {arch!r}, npllama reads only 'llama' models")
 
-    def get(key: str, default: Any = KeyError) -> Any:
-        if "llama." + key in meta:
-            return meta["llama." + key]
-        if default is KeyError:
-            raise GGUFError(f"{source}: missing metadata key 'llama.{key}'")
-        return default
+    def get(key: str, default: Any = KeyError, kind: type = int) -> Any:
+        """llama.`key`, of the type `kind` (int: not a bool; float: any finite real); `default` when absent."""
+        if "llama." + key not in meta:
+            if default is KeyError:
+                raise GGUFError(f"{source}: missing metadata key 'llama.{key}'")
+            return default
+        v = meta["llama." + key]
+        ok = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else \
+            (isinstance(v, (int, float)) and not isinstance(v, bool)) if kind is float else isinstance(v, kind)
+        if not ok:
+            raise GGUFError(f"{source}: metadata key 'llama.{key}' must be {kind.__name__}, got {v!r:.80}")
+        return float(v) if kind is float else v
 
-    n_heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
+    def token_id(key: str) -> int | None:
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise GGUFError(f"{source}: metadata key {key!r} must be a token id, got {v!r:.80}")
+        return v
+
+    n_heads = get("attention.head_count")
+    hidden = get("embedding_length")
     vocab = get("vocab_size", None)
     if vocab is None:  # older files: the vocabulary's length is the embedding's row count
         if "token_embd.weight" not in shapes:
             raise GGUFError(f"{source}: missing tensor 'token_embd.weight'")
         vocab = shapes["token_embd.weight"][0]
-    head_dim = int(get("attention.key_length", get("rope.dimension_count", hidden // n_heads)))
+    # head_dim: key_length, else the rope dimension, else LlamaConfig derives it (after checking the heads)
+    head_dim = get("attention.key_length", get("rope.dimension_count", None))
     if "rope_freqs.weight" in tensor_names:
         # Llama 3.1-style scaling is stored as a per-frequency factor tensor, not as its parameters
         raise GGUFError(f"{source}: tensor 'rope_freqs.weight' (Llama 3 rope scaling) is not supported")
     scaling = None
-    kind = get("rope.scaling.type", None)
+    kind = get("rope.scaling.type", None, str)
     if kind not in (None, "none"):
         if kind != "linear":
-            raise GGUFError(f"{source}: rope scaling type {kind!r} is not supported (npllama reads 'linear')")
-        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    eot = meta.get("tokenizer.ggml.eot_token_id")
-    eos_ids = [int(i) for i in (eos, eot) if i is not None]
+            raise GGUFError(f"{source}: rope scaling type {kind!r:.80} is not supported (npllama reads 'linear')")
+        scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor", KeyError, float)}
+    eos_ids = [i for i in (token_id("tokenizer.ggml.eos_token_id"), token_id("tokenizer.ggml.eot_token_id"))
+               if i is not None]
     eos_ids = sorted(set(eos_ids), key=eos_ids.index)
     d = dict(
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")),
+        intermediate_size=get("feed_forward_length"),
+        num_hidden_layers=get("block_count"),
         num_attention_heads=n_heads,
-        num_key_value_heads=int(get("attention.head_count_kv", n_heads)),
+        num_key_value_heads=get("attention.head_count_kv", n_heads),
         head_dim=head_dim,
-        vocab_size=int(vocab),
+        vocab_size=vocab,
         # llama.cpp stores eps as float32; HF's GGUF loader reads that same float32 value
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
+        rope_theta=get("rope.freq_base", 10000.0, float),
         rope_scaling=scaling,
-        max_position_embeddings=int(get("context_length", 2048)),
+        max_position_embeddings=get("context_length", 2048),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         mlp_bias="blk.0.ffn_up.bias" in tensor_names,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
         eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        pad_token_id=token_id("tokenizer.ggml.padding_token_id"),
     )
     try:
         return LlamaConfig(**d)
@@ -159,16 +172,28 @@ def load_gguf(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     # ggml lists dimensions fastest-first; numpy's order is the reverse
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     config = config_from_metadata(metadata(reader), shapes, path)
-    params: dict[str, np.ndarray] = {}
+    names: dict[str, str] = {}  # HF name -> GGUF name
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:
             raise GGUFError(f"{path}: tensor {t.name!r} has no counterpart in a Llama model")
+        if name in names:
+            raise GGUFError(f"{path}: tensors {names[name]!r} and {t.name!r} both hold {name!r}")
+        names[name] = t.name
+    # every tensor's name and shape against the config, before anything is dequantized
+    where = lambda k: f"{path} (GGUF tensor {names.get(k, k)!r})"
+    check_config(config, {k: shapes[g] for k, g in names.items()}, where, GGUFError, path, path)
+    params: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
         try:
             w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         except Exception as e:  # an unsupported quantization type, or a truncated tensor
             raise GGUFError(f"{path}: cannot dequantize tensor {t.name!r} "
                             f"({getattr(t.tensor_type, 'name', t.tensor_type)}: {e})") from None
+        if w.shape != shapes[t.name]:
+            raise GGUFError(f"{path}: tensor {t.name!r} dequantized to shape {list(w.shape)}, "
+                            f"its header says {list(shapes[t.name])}")
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_rotary(w, config.num_attention_heads)
         elif name.endswith(("k_proj.weight", "k_proj.bias")):

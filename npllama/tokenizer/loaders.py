@@ -17,6 +17,8 @@ import re
 import struct
 import warnings
 
+from npllama.io.paths import inside
+
 from .bpe import BYTE_TO_UNICODE, ByteLevelBPE, PairTable, RankPairTable, unicode_to_bytes
 from .errors import TokenizerError
 from .gguf_meta import read_gguf_metadata
@@ -34,12 +36,12 @@ def load(path: str) -> Tokenizer:
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in ("tokenizer.json", "tokenizer.model"):
-            f = os.path.join(path, name)
+            f = inside(path, name, path)
             if os.path.isfile(f):
                 return load(f)
         ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
         if len(ggufs) == 1:
-            return load(os.path.join(path, ggufs[0]))
+            return load(inside(path, ggufs[0], path))
         raise TokenizerError(f"{path}: no tokenizer.json, tokenizer.model or single .gguf file in this directory")
     if not os.path.exists(path):
         raise TokenizerError(f"{path}: no such file or directory")
@@ -176,7 +178,7 @@ def _read_json(path: str):
 
 def _hf_config(path: str) -> dict:
     """tokenizer_config.json next to `path` (BOS/EOS names, chat template), or {}."""
-    cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
+    cfg = inside(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json", path)
     if not os.path.isfile(cfg):
         return {}
     data = _read_json(cfg)
