@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from npllama.io.atomic import atomic_dir, atomic_path, fsync_dir
 from npllama.errors import NpllamaError
+from npllama.io.atomic import atomic_dir, atomic_path, fsync_dir
+from npllama.io.paths import OutsideFolderError, inside
 
 FORMAT = "npllama-checkpoint-v1"
 _FILES = ("model.safetensors", "config.json", "optimizer.safetensors")
@@ -88,13 +89,12 @@ def _prune(root: str, keep: int, protect: str) -> None:
 
 def _inside(root: str, name: str, ptr: str) -> str:
     """root/name for the name read from the pointer file `ptr`: one plain entry of `root`, never a way out of it."""
-    if not name or os.path.isabs(name) or any(c in name for c in ("/", "\\", "\x00")) or name in (".", ".."):
+    if any(c in name for c in ("/", "\\")) or name in (".", ".."):
         raise CheckpointError(f"{ptr} holds {name[:200]!r}: not the name of a checkpoint inside {root}")
-    path = os.path.join(root, name)
-    real = os.path.realpath(path)
-    if os.path.dirname(real) != os.path.realpath(root):
-        raise CheckpointError(f"{ptr} points at {name!r}, which resolves to {real}, outside {root} (a symlink)")
-    return path
+    try:
+        return inside(root, name, ptr)
+    except OutsideFolderError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def latest_checkpoint(root: str) -> str | None:
