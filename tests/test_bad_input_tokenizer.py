@@ -446,3 +446,58 @@ def test_rows_are_distinct():
     ids = [r[0] for r in JSON_ROWS + RAW_ROWS + CONFIG_ROWS + FILE_ROWS + GGUF_ROWS + MODEL_ROWS]
     assert len(ids) == len(set(ids))
     assert copy.deepcopy(base_json()) == base_json()
+
+
+# ---- random mutations: only TokenizerError may come out ------------------------------------------
+def _paths(node, prefix=()):
+    """Every (container path, key) in a JSON document."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        yield prefix + (k,)
+        yield from _paths(v, prefix + (k,))
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.sampled_from([0, 1, 99, 100, -1]),
+                        st.floats(allow_nan=False), st.text(max_size=4), st.sampled_from(["h e", "Ġ", "<|endoftext|>",
+                                                                                          "BPE", "ByteLevel", "Split"]))
+    return st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                     st.dictionaries(st.sampled_from(["id", "content", "type", "special",
+                                                                                      "pattern", "Regex"]), c, max_size=3)),
+                        max_leaves=6)
+
+
+def test_random_mutations_only_tokenizer_errors(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=150, derandomize=True, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(st.data())
+    def run(data):
+        doc = base_json()
+        for _ in range(data.draw(st.integers(1, 3))):
+            paths = list(_paths(doc))
+            path = data.draw(st.sampled_from(paths))
+            parent = doc
+            for k in path[:-1]:
+                parent = parent[k]
+            action = data.draw(st.sampled_from(["set", "set", "delete", "copy"]))
+            if action == "set":
+                parent[path[-1]] = data.draw(_json_values())
+            elif action == "delete":
+                del parent[path[-1]]
+            elif isinstance(parent, list):
+                parent.append(copy.deepcopy(parent[path[-1]]))  # duplicate an entry (a merge, an added token)
+            else:
+                parent[str(path[-1]) + "x"] = copy.deepcopy(parent[path[-1]])  # a second key, same value (same id)
+        write_json(tmp_path, doc)
+        try:
+            tok = Tokenizer.from_pretrained(str(tmp_path))
+            tok.decode(tok.encode("hello world <|endoftext|>!", allowed_special="all"))
+        except TokenizerError as e:
+            assert str(tmp_path) in str(e) or "token" in str(e)
+
+    run()
