@@ -221,6 +221,8 @@ def _symlink_out(name):
         write_json(outside, base_json(), name)
         if name != "tokenizer.json":
             write_json(inner, base_json())
+        if name == "chat_template.jinja":
+            write_json(inner, {"bos_token": "<|endoftext|>"}, "tokenizer_config.json")
         os.symlink(outside / name, inner / name)
         return str(inner), str(inner / name)
     return make
@@ -243,6 +245,7 @@ FILE_ROWS = [
     ("a file over 1 GiB", _huge, "1 GiB"),
     ("tokenizer.json linked outside the folder", _symlink_out("tokenizer.json"), "outside"),
     ("tokenizer_config.json linked outside the folder", _symlink_out("tokenizer_config.json"), "outside"),
+    ("chat_template.jinja linked outside the folder", _symlink_out("chat_template.jinja"), "outside"),
 ]
 
 
@@ -436,6 +439,15 @@ def test_tiktoken_config_ids_bounded(tmp_path):
     with pytest.raises(TokenizerError) as e:
         Tokenizer.from_pretrained(str(tmp_path))
     assert path in str(e.value) and str(10 ** 11) in str(e.value)
+
+
+def test_chat_template_file_is_read(tmp_path):
+    """tokenizer_config.json without a template, chat_template.jinja beside it (newer transformers)."""
+    write_json(tmp_path, base_json())
+    write_json(tmp_path, {"eos_token": "<|endoftext|>"}, "tokenizer_config.json")
+    template = "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}"
+    (tmp_path / "chat_template.jinja").write_text(template)
+    assert Tokenizer.from_pretrained(str(tmp_path)).chat_template == template
 
 
 def test_errors_are_npllama_errors():

@@ -257,6 +257,12 @@ def _hf_config(path: str) -> dict:
     if t is not None and not isinstance(t, str) and not (
             isinstance(t, list) and all(isinstance(d, dict) and isinstance(d.get("template"), str) for d in t)):
         raise TokenizerError(f"{cfg_path}: chat_template is neither a string nor a list of {{name, template}}")
+    jinja = os.path.join(folder, "chat_template.jinja")  # where newer transformers save the template
+    if t is None and os.path.lexists(jinja):
+        try:
+            cfg["chat_template"] = read_bytes(inside(folder, "chat_template.jinja")).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{jinja}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     dec = cfg.get("added_tokens_decoder")
     if dec is not None:
         if not isinstance(dec, dict):
@@ -304,7 +310,7 @@ def _vocab_tokens(path: str, m: dict, added_list) -> tuple[list[str], dict, dict
         if not isinstance(i, int) or isinstance(i, bool):
             raise TokenizerError(f"{path}: model.vocab[{t!r:.80}] = {i!r:.40} is not an int id")
         if not 0 <= i < n:
-            raise TokenizerError(f"{path}: model.vocab[{t!r:.80}] = {i} is outside 0..{n - 1} (ids must be dense)")
+            raise TokenizerError(f"{path}: model.vocab[{t!r:.80}] = {i} is outside 0..{n - 1} (ids must be dense, without gaps)")
         if tokens[i] is not None:
             raise TokenizerError(f"{path}: model.vocab gives id {i} to both {tokens[i]!r:.80} and {t!r:.80}")
         tokens[i] = t
@@ -312,7 +318,7 @@ def _vocab_tokens(path: str, m: dict, added_list) -> tuple[list[str], dict, dict
     for k, a in enumerate(added_list):
         t, i = a["content"], a["id"]
         if not 0 <= i < n:
-            raise TokenizerError(f"{path}: added_tokens[{k}] {t!r:.80}: id {i} is outside 0..{n - 1} (ids must be dense)")
+            raise TokenizerError(f"{path}: added_tokens[{k}] {t!r:.80}: id {i} is outside 0..{n - 1} (ids must be dense, without gaps)")
         if t in vocab and vocab[t] != i:
             raise TokenizerError(f"{path}: added_tokens[{k}] {t!r:.80} has id {i}, but model.vocab gives it id {vocab[t]}")
         if tokens[i] is not None and tokens[i] != t:
