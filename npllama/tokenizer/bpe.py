@@ -183,32 +183,37 @@ def merge_rounds(ids: np.ndarray, table: PairArrays, pairs: PairTable, first=Non
     That is what the sequential order does too, unless a merge creates a pair of rank <= r:
     sequential BPE would take that pair next, before the occurrences further right. So the pass
     stops just after the first such merge, and the next pass starts from the lowest rank again.
-    A long run of one character needs only a handful of passes. When a pass merges few pairs
-    (text with many distinct pairs), the heap (`_merge_heap`, O(n log n)) finishes the job.
+    A long run of one character needs only a handful of passes. When a pass would merge few
+    pairs (text with many distinct pairs), the heap (`_merge_heap`, O(n log n)) finishes the job.
     `first`: the (rank, merged id) arrays of the starting pairs, when the caller has them.
     """
     sym = np.asarray(ids, np.int32)
     if len(sym) < 2:
         return sym.tolist()
     rank, new = first if first is not None else table.lookup(sym[:-1], sym[1:])
-    rank, new = np.append(rank, _NONE).astype(np.int32), np.append(new, -1).astype(np.int32)  # rank[i]: pair (sym[i], sym[i+1])
+    # rank[i], new[i]: the rank and merged id of the pair (sym[i], sym[i+1]); the last has none
+    rank, new = np.append(rank, _NONE).astype(np.int32), np.append(new, -1).astype(np.int32)
     while True:
         n = len(sym)
         r = rank.min()
         if r == _NONE:
             return sym.tolist()
         pos = np.flatnonzero(rank == r)
-        if len(pos) * 64 < n:  # a pass costs O(n); not worth it for a few merges
-            return _merge_heap(sym.tolist(), pairs)
         if len(pos) > 1:  # overlapping occurrences (runs of consecutive positions): every other one
             j = np.arange(len(pos))
             start = np.maximum.accumulate(np.where(np.r_[True, pos[1:] != pos[:-1] + 1], j, 0))
             pos = pos[(j - start) % 2 == 0]
-        plan = _plan(sym, pos, new, table, n)
-        first_bad = np.flatnonzero((plan[0] <= r) | (plan[1] <= r))
-        if len(first_bad):
-            pos = pos[:first_bad[0] + 1]
-            plan = _plan(sym, pos, new, table, n)
+        plan = _plan(sym, pos, new, table, n) if len(pos) * 64 >= n else None
+        if plan is not None:
+            first_bad = np.flatnonzero((plan[0] <= r) | (plan[1] <= r))
+            if len(first_bad):
+                pos = pos[:first_bad[0] + 1]
+                plan = _plan(sym, pos, new, table, n) if len(pos) * 64 >= n else None
+        if plan is None:
+            # A pass costs O(n); one that merges fewer than n/64 pairs is not worth it. Every pass
+            # taken shrinks the text by n/64 at least, so the passes cost O(n) in all, and the
+            # heap finishes in O(n log n) from the exact state reached so far.
+            return _merge_heap(sym.tolist(), pairs)
         _, _, after, lp, ok, rl, nl, rb, nb = plan
         sym = after
         rank[lp[ok]], new[lp[ok]] = rl[ok], nl[ok]
