@@ -11,6 +11,9 @@ import struct
 from typing import Any
 
 from .errors import TokenizerError
+from .files import check_file
+
+_MAX_NESTING = 8  # arrays of arrays: real files nest at most once; each level is a Python call
 
 # value type -> struct code (scalars); 8 = string, 9 = array
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -19,6 +22,7 @@ _STRING, _ARRAY = 8, 9
 
 def read_gguf_metadata(path: str) -> dict[str, Any]:
     """Return the GGUF key/value metadata of `path` as a dict (arrays become lists)."""
+    check_file(path, None)  # a FIFO or device is refused before open; mmap reads only what is used
     try:
         with open(path, "rb") as f:
             try:
@@ -52,7 +56,7 @@ def _parse(buf, path: str) -> dict[str, Any]:
             raise struct.error("string runs past end of file")
         return str(buf[pos + 8:end], "utf-8", "replace"), end
 
-    def read_value(t: int, pos: int) -> tuple[Any, int]:
+    def read_value(t: int, pos: int, depth: int = 0) -> tuple[Any, int]:
         if t in _SCALAR:
             code = _SCALAR[t]
             return unpack_from("<" + code, buf, pos)[0], pos + struct.calcsize(code)
@@ -77,9 +81,11 @@ def _parse(buf, path: str) -> dict[str, Any]:
                 if pos > len(buf):
                     raise struct.error("string array runs past end of file")
                 return items, pos
+            if depth >= _MAX_NESTING:
+                raise TokenizerError(f"{path}: GGUF arrays nested more than {_MAX_NESTING} deep")
             items = []
             for _ in range(n):
-                v, pos = read_value(et, pos)
+                v, pos = read_value(et, pos, depth + 1)
                 items.append(v)
             return items, pos
         raise TokenizerError(f"{path}: unknown GGUF value type {t}")

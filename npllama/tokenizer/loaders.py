@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import struct
 import warnings
 
-from npllama.io.paths import inside
+import regex
 
 from .bpe import BYTE_TO_UNICODE, ByteLevelBPE, PairTable, RankPairTable, unicode_to_bytes
 from .errors import TokenizerError
+from .files import check_file, inside, read_bytes
 from .gguf_meta import read_gguf_metadata
 from .pretokenize import GGUF_PRE, GPT2_PATTERN, LLAMA3_PATTERN, from_hf_pretokenizer, regex_splitter
 from .sentencepiece import SPACE, ScorePairTable, SentencePieceBPE
@@ -36,19 +38,26 @@ def load(path: str) -> Tokenizer:
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in ("tokenizer.json", "tokenizer.model"):
-            f = inside(path, name, path)
-            if os.path.isfile(f):
-                return load(f)
-        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+            if os.path.lexists(os.path.join(path, name)):
+                return load(inside(path, name))
+        try:
+            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        except OSError as e:
+            raise TokenizerError(f"{path}: cannot list ({e.strerror or e})") from None
         if len(ggufs) == 1:
-            return load(inside(path, ggufs[0], path))
+            return load(inside(path, ggufs[0]))
         raise TokenizerError(f"{path}: no tokenizer.json, tokenizer.model or single .gguf file in this directory")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise TokenizerError(f"{path}: no such file or directory")
-    with open(path, "rb") as f:
-        head = f.read(64)
+    check_file(path, None)  # before any open: a FIFO would block, /dev/zero read forever
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from None
     if head[:4] == b"GGUF" or path.endswith(".gguf"):
-        return load_gguf(path)
+        return load_gguf(path)  # only its header is read (a model GGUF may be many GB)
+    check_file(path)
     if path.endswith(".json"):
         return load_tokenizer_json(path)
     if re.match(rb"[A-Za-z0-9+/=]+ \d+\r?\n", head):
@@ -59,20 +68,41 @@ def load(path: str) -> Tokenizer:
 # ---- GGUF ----------------------------------------------------------------------------------
 def load_gguf(path: str) -> Tokenizer:
     """Tokenizer from the `tokenizer.ggml.*` metadata of a GGUF file."""
+    check_file(path, None)
     meta = read_gguf_metadata(path)
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if model is None or not isinstance(tokens, list) or not tokens:
         raise TokenizerError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.model / tokens missing)")
+    _check_list(path, "tokenizer.ggml.tokens", tokens, str, "a string")
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    _check_list(path, "tokenizer.ggml.token_type", types, int, "an int")
     if len(types) != len(tokens):
         raise TokenizerError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    ids = dict(bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_id=meta.get("tokenizer.ggml.eos_token_id"),
-               unk_id=meta.get("tokenizer.ggml.unknown_token_id"), pad_id=meta.get("tokenizer.ggml.padding_token_id"))
-    for k, v in ids.items():
-        if v is not None and not 0 <= v < len(tokens):
-            raise TokenizerError(f"{path}: {k} {v} is outside the vocabulary of {len(tokens)} tokens")
-    common = dict(chat_template=meta.get("tokenizer.chat_template"), source=path, **ids)
+    for i, ty in enumerate(types):
+        if not 0 <= ty <= BYTE:
+            raise TokenizerError(f"{path}: tokenizer.ggml.token_type[{i}] = {ty} is not a token type (0..6)")
+    seen: dict[str, int] = {}
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty != UNUSED and seen.setdefault(t, i) != i:
+            raise TokenizerError(f"{path}: tokenizer.ggml.tokens[{i}] {t!r} repeats tokens[{seen[t]}]"
+                                 " (one id per token string)")
+    ids = {}
+    for k, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("unk_id", "unknown_token_id"),
+                   ("pad_id", "padding_token_id")):
+        v = meta.get("tokenizer.ggml." + key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(tokens)):
+            raise TokenizerError(f"{path}: tokenizer.ggml.{key} {v!r} is not an id in the vocabulary of {len(tokens)} tokens")
+        ids[k] = v
+    for key in ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"):
+        if key in meta and not isinstance(meta[key], bool):
+            raise TokenizerError(f"{path}: {key} is {meta[key]!r}, not a bool")
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{path}: tokenizer.chat_template is not a string")
+    if not isinstance(model, str):
+        raise TokenizerError(f"{path}: tokenizer.ggml.model {model!r} is not a string")
+    common = dict(chat_template=template, source=path, **ids)
     if model == "gpt2":
         return _gguf_byte_level(path, meta, tokens, types, common)
     if model == "llama":
@@ -82,6 +112,8 @@ def load_gguf(path: str) -> Tokenizer:
 
 def _gguf_byte_level(path, meta, tokens, types, common) -> Tokenizer:
     pre = meta.get("tokenizer.ggml.pre", "default")
+    if not isinstance(pre, str):
+        raise TokenizerError(f"{path}: tokenizer.ggml.pre {pre!r} is not a string")
     if pre not in GGUF_PRE:
         warnings.warn(f"{path}: unknown tokenizer.ggml.pre {pre!r}; using GPT-2's pre-tokenizer")
     pattern, whole = GGUF_PRE.get(pre, (GPT2_PATTERN, False))
@@ -100,7 +132,7 @@ def _gguf_byte_level(path, meta, tokens, types, common) -> Tokenizer:
                 added[t] = i
         token_bytes.append(b)
     merges = meta.get("tokenizer.ggml.merges")
-    if not merges:
+    if not merges or not isinstance(merges, list):
         raise TokenizerError(f"{path}: byte-level GGUF vocabulary has no tokenizer.ggml.merges")
     pairs = _pairs_from_merges(path, merges, {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (NORMAL, BYTE)})
     bpe = ByteLevelBPE(token_bytes, pairs, regex_splitter(pattern), whole, encoder)
@@ -116,9 +148,20 @@ def _pairs_from_merges(path: str, merges, token_ids: dict[str, int]) -> PairTabl
         a, b = _merge_pair(path, rank, m)
         ia, ib, iab = get(a), get(b), get(a + b)
         if ia is None or ib is None or iab is None:
-            continue  # a merge naming a token the vocabulary lacks can never fire
+            # HF tokenizers refuses such a file (MergeTokenOutOfVocabulary); so do we
+            missing = next(t for t, i in ((a, ia), (b, ib), (a + b, iab)) if i is None)
+            raise TokenizerError(f"{path}: merge #{rank} {m!r}: token {missing!r} is not in the vocabulary")
         pairs.setdefault((ia, ib), (rank, iab))
     return pairs
+
+
+def _check_list(path: str, key: str, value, kind: type, what: str) -> None:
+    """`value` is a list whose items are all `kind` (bools are not ints here)."""
+    if not isinstance(value, list):
+        raise TokenizerError(f"{path}: {key} is {type(value).__name__}, not a list")
+    for i, x in enumerate(value):
+        if not isinstance(x, kind) or isinstance(x, bool):
+            raise TokenizerError(f"{path}: {key}[{i}] = {x!r:.60} is not {what}")
 
 
 def _merge_pair(path: str, rank: int, m) -> tuple[str, str]:
@@ -133,8 +176,9 @@ def _merge_pair(path: str, rank: int, m) -> tuple[str, str]:
 
 def _gguf_sentencepiece(path, meta, tokens, types, common) -> Tokenizer:
     scores = meta.get("tokenizer.ggml.scores")
-    if scores is None or len(scores) != len(tokens):
+    if not isinstance(scores, list) or len(scores) != len(tokens):
         raise TokenizerError(f"{path}: SentencePiece GGUF vocabulary needs tokenizer.ggml.scores, one per token")
+    _check_list(path, "tokenizer.ggml.scores", scores, (int, float), "a number")
     prefix = "always" if meta.get("tokenizer.ggml.add_space_prefix", True) else "never"
     return _sentencepiece(path, tokens, scores, types, prefix, common,
                           add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)))
@@ -143,11 +187,19 @@ def _gguf_sentencepiece(path, meta, tokens, types, common) -> Tokenizer:
 def _sentencepiece(path, tokens, scores, types, prefix, common, add_bos) -> Tokenizer:
     piece_ids, special, added, token_bytes = {}, {}, {}, []
     byte_ids = [None] * 256
-    for i, (t, ty) in enumerate(zip(tokens, types)):
+    for i, (t, ty, sc) in enumerate(zip(tokens, types, scores)):
+        if not math.isfinite(sc):
+            raise TokenizerError(f"{path}: piece #{i} {t!r} has score {sc}, not a finite number")
+        if ty not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE):
+            raise TokenizerError(f"{path}: piece #{i} {t!r} has type {ty}, not a SentencePiece piece type (1..6)")
+        if ty in (NORMAL, USER_DEFINED) and t in piece_ids:
+            raise TokenizerError(f"{path}: piece #{i} {t!r} repeats piece #{piece_ids[t]}")
         if ty == BYTE:
             m = _BYTE_PIECE.fullmatch(t)
             if m is None:
                 raise TokenizerError(f"{path}: byte token #{i} {t!r} is not of the form <0xNN>")
+            if byte_ids[int(m.group(1), 16)] is not None:
+                raise TokenizerError(f"{path}: byte token #{i} {t!r} repeats #{byte_ids[int(m.group(1), 16)]}")
             byte_ids[int(m.group(1), 16)] = i
             token_bytes.append(bytes([int(m.group(1), 16)]))
             continue
@@ -166,23 +218,59 @@ def _sentencepiece(path, tokens, scores, types, prefix, common, add_bos) -> Toke
 
 
 # ---- tokenizer.json ------------------------------------------------------------------------
+def _no_duplicate_keys(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {dup!r:.80} appears twice in one object (JSON readers disagree on which one wins)")
+    return d
+
+
 def _read_json(path: str):
+    data = read_bytes(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from e
+        return json.loads(data, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        raise TokenizerError(f"{path}: not a tokenizer file (JSON nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, duplicate keys, huge ints
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
 
 
 def _hf_config(path: str) -> dict:
-    """tokenizer_config.json next to `path` (BOS/EOS names, chat template), or {}."""
-    cfg = inside(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json", path)
-    if not os.path.isfile(cfg):
+    """tokenizer_config.json next to `path` (BOS/EOS names, chat template), or {}; its types checked."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.lexists(os.path.join(folder, "tokenizer_config.json")):
         return {}
-    data = _read_json(cfg)
-    return data if isinstance(data, dict) else {}
+    cfg_path = inside(folder, "tokenizer_config.json")
+    cfg = _read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise TokenizerError(f"{cfg_path}: not a JSON object")
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, str) and not (isinstance(v, dict) and isinstance(v.get("content"), str)):
+            raise TokenizerError(f"{cfg_path}: {key} {v!r:.80} is neither a string nor {{'content': string}}")
+    for key in ("add_bos_token", "add_eos_token"):
+        if key in cfg and cfg[key] is not None and not isinstance(cfg[key], bool):
+            raise TokenizerError(f"{cfg_path}: {key} is {cfg[key]!r:.40}, not true or false")
+    t = cfg.get("chat_template")
+    if t is not None and not isinstance(t, str) and not (
+            isinstance(t, list) and all(isinstance(d, dict) and isinstance(d.get("template"), str) for d in t)):
+        raise TokenizerError(f"{cfg_path}: chat_template is neither a string nor a list of {{name, template}}")
+    jinja = os.path.join(folder, "chat_template.jinja")  # where newer transformers save the template
+    if t is None and os.path.lexists(jinja):
+        try:
+            cfg["chat_template"] = read_bytes(inside(folder, "chat_template.jinja")).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{jinja}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    dec = cfg.get("added_tokens_decoder")
+    if dec is not None:
+        if not isinstance(dec, dict):
+            raise TokenizerError(f"{cfg_path}: added_tokens_decoder is not an object")
+        for k, v in dec.items():
+            if not k.isdigit() or len(k) > 12 or not isinstance(_token_name(v), str):
+                raise TokenizerError(f"{cfg_path}: added_tokens_decoder[{k!r:.40}] is not id -> {{'content': string}}")
+    return cfg
 
 
 def _token_name(v):
@@ -197,6 +285,54 @@ def _chat_template(cfg: dict):
     return t if isinstance(t, str) else None
 
 
+def _vocab_tokens(path: str, m: dict, added_list) -> tuple[list[str], dict, dict]:
+    """id -> token from model.vocab and added_tokens, checked: (tokens, special, added).
+
+    Ids are ints (not bools) in [0, n), n the number of distinct tokens; no id has two tokens. An
+    added token may restate a vocab entry (same id, same text: GPT-2's <|endoftext|>); one that
+    gives an id another text, or a text another id, is an error (HF tokenizers would only print a
+    warning and renumber it).
+    """
+    vocab = m["vocab"]
+    if not isinstance(added_list, list):
+        raise TokenizerError(f"{path}: added_tokens is {type(added_list).__name__}, not a list")
+    for k, a in enumerate(added_list):
+        if not isinstance(a, dict) or not isinstance(a.get("content"), str) or "id" not in a:
+            raise TokenizerError(f"{path}: added_tokens[{k}] {a!r:.80} is not {{'id': int, 'content': string}}")
+        if not isinstance(a["id"], int) or isinstance(a["id"], bool):
+            raise TokenizerError(f"{path}: added_tokens[{k}] {a['content']!r}: id {a['id']!r:.40} is not an int")
+        if "special" in a and not isinstance(a["special"], bool):
+            raise TokenizerError(f"{path}: added_tokens[{k}] {a['content']!r}: special {a['special']!r:.40} is not a bool")
+    new_names = {a["content"] for a in added_list} - set(vocab)
+    n = len(vocab) + len(new_names)
+    tokens: list = [None] * n
+    for t, i in vocab.items():
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TokenizerError(f"{path}: model.vocab[{t!r:.80}] = {i!r:.40} is not an int id")
+        if not 0 <= i < n:
+            raise TokenizerError(f"{path}: model.vocab[{t!r:.80}] = {i} is outside 0..{n - 1} (ids must be dense, without gaps)")
+        if tokens[i] is not None:
+            raise TokenizerError(f"{path}: model.vocab gives id {i} to both {tokens[i]!r:.80} and {t!r:.80}")
+        tokens[i] = t
+    special, added = {}, {}
+    for k, a in enumerate(added_list):
+        t, i = a["content"], a["id"]
+        if not 0 <= i < n:
+            raise TokenizerError(f"{path}: added_tokens[{k}] {t!r:.80}: id {i} is outside 0..{n - 1} (ids must be dense, without gaps)")
+        if t in vocab and vocab[t] != i:
+            raise TokenizerError(f"{path}: added_tokens[{k}] {t!r:.80} has id {i}, but model.vocab gives it id {vocab[t]}")
+        if tokens[i] is not None and tokens[i] != t:
+            raise TokenizerError(f"{path}: added_tokens[{k}] {t!r:.80} takes id {i}, which already is {tokens[i]!r:.80}")
+        if t in special or t in added:
+            raise TokenizerError(f"{path}: added_tokens[{k}] {t!r:.80} is declared twice")
+        tokens[i] = t
+        (special if a.get("special", False) else added)[t] = i
+    holes = [i for i, t in enumerate(tokens) if t is None]
+    if holes:
+        raise TokenizerError(f"{path}: ids {holes[:5]} have no token (vocab has gaps)")
+    return tokens, special, added
+
+
 def load_tokenizer_json(path: str) -> Tokenizer:
     """Tokenizer from a Hugging Face tokenizer.json (BPE models)."""
     return tokenizer_from_json(_read_json(path), path, _hf_config(path))
@@ -209,23 +345,24 @@ def tokenizer_from_json(j, path: str, cfg: dict | None = None) -> Tokenizer:
     m = j["model"]
     mtype = m.get("type", "BPE" if "merges" in m else None)
     if mtype != "BPE":
-        raise TokenizerError(f"{path}: model type {mtype!r} is not supported (only BPE)")
+        raise TokenizerError(f"{path}: model type {mtype!r:.40} is not supported (only BPE)")
     vocab = m.get("vocab")
     merges = m.get("merges")
     if not isinstance(vocab, dict) or not isinstance(merges, list):
         raise TokenizerError(f"{path}: BPE model needs a 'vocab' object and a 'merges' list")
-    added_list = j.get("added_tokens") or []
-    size = 1 + max([int(v) for v in vocab.values()] + [int(a["id"]) for a in added_list] + [-1])
-    tokens = [None] * size
-    for t, i in vocab.items():
-        tokens[i] = t
-    special, added = {}, {}
-    for a in added_list:
-        tokens[a["id"]] = a["content"]
-        (special if a.get("special", False) else added)[a["content"]] = a["id"]
-    holes = [i for i, t in enumerate(tokens) if t is None]
-    if holes:
-        raise TokenizerError(f"{path}: ids {holes[:5]} have no token (vocab has gaps)")
+    for key in ("byte_fallback", "fuse_unk", "ignore_merges"):
+        if m.get(key) is not None and not isinstance(m[key], bool):
+            raise TokenizerError(f"{path}: model.{key} is {m[key]!r:.40}, not true or false")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+        if m.get(key) not in (None, "", 0):  # they change how words merge; no npllama vocabulary uses them
+            raise TokenizerError(f"{path}: model.{key} = {m[key]!r:.40} is not supported")
+    if m.get("unk_token") is not None and not isinstance(m["unk_token"], str):
+        raise TokenizerError(f"{path}: model.unk_token {m['unk_token']!r:.40} is not a string")
+    for key in ("normalizer", "pre_tokenizer", "decoder"):
+        if j.get(key) is not None and not (isinstance(j[key], dict) and isinstance(j[key].get("type"), str)):
+            raise TokenizerError(f"{path}: {key} {j[key]!r:.80} is not an object with a 'type'")
+    added_list = j.get("added_tokens")
+    tokens, special, added = _vocab_tokens(path, m, [] if added_list is None else added_list)
     cfg = cfg or {}
     by_name = {t: i for i, t in enumerate(tokens)}
 
@@ -250,10 +387,11 @@ def tokenizer_from_json(j, path: str, cfg: dict | None = None) -> Tokenizer:
         if is_byte_level:
             return _json_byte_level(path, m, tokens, vocab, merges, special, added, pre, norm, common, add_bos)
         return _json_sentencepiece(path, m, tokens, vocab, merges, special, added, pre, norm, common, add_bos)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, regex.error) as e:
+        # a safety net: the checks above and in the pipeline builders name the entry themselves
         if isinstance(e, TokenizerError):
             raise
-        raise TokenizerError(f"{path}: {e}") from None
+        raise TokenizerError(f"{path}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
 
 
 def _json_byte_level(path, m, tokens, vocab, merges, special, added, pre, norm, common, add_bos) -> Tokenizer:
@@ -280,14 +418,26 @@ def _json_sentencepiece(path, m, tokens, vocab, merges, special, added, pre, nor
     prefix = "never"
     replaces = metaspace = False
     norms = (norm.get("normalizers") if norm and norm.get("type") == "Sequence" else [norm]) if norm else []
-    for n in norms:
+    if not isinstance(norms, list):
+        raise TokenizerError(f"{path}: normalizer Sequence has no 'normalizers' list")
+    for k, n in enumerate(norms):
+        if not isinstance(n, dict) or not isinstance(n.get("type"), str):
+            raise TokenizerError(f"{path}: normalizers[{k}] {n!r:.80} is not an object with a 'type'")
+        pattern = n.get("pattern")
         if n["type"] == "Prepend" and n.get("prepend") == SPACE:
             prefix = "always"
-        elif n["type"] == "Replace" and n["pattern"].get("String") == " " and n.get("content") == SPACE:
+        elif (n["type"] == "Replace" and isinstance(pattern, dict) and pattern.get("String") == " "
+              and n.get("content") == SPACE):
             replaces = True
         else:
-            raise TokenizerError(f"{path}: normalizer {n['type']!r} {n.get('pattern', '')} is not supported")
+            raise TokenizerError(f"{path}: normalizer {n['type']!r:.40} {pattern or ''!s:.60} is not supported"
+                                 " (only Prepend('▁') and Replace(' ', '▁'))")
     if pre is not None:
+        for key in ("split", "add_prefix_space"):
+            if key in pre and not isinstance(pre[key], bool):
+                raise TokenizerError(f"{path}: pre_tokenizer Metaspace {key} is {pre[key]!r:.40}, not true or false")
+        if pre.get("prepend_scheme", "always") not in ("always", "first", "never"):
+            raise TokenizerError(f"{path}: pre_tokenizer prepend_scheme {pre['prepend_scheme']!r:.40} is not supported")
         if pre.get("type") != "Metaspace":
             raise TokenizerError(f"{path}: pre_tokenizer {pre.get('type')!r} is not supported with a non-byte-level model")
         if pre.get("split", False):
@@ -333,18 +483,17 @@ def llama3_special_tokens(n: int = 256) -> list[str]:
 def load_tiktoken(path: str, special_tokens: list[str] | None = None, pattern: str = LLAMA3_PATTERN) -> Tokenizer:
     """Tokenizer from a tiktoken rank file (Llama 3's tokenizer.model): 'base64 rank' per line."""
     ranks: dict[bytes, int] = {}
-    try:
-        with open(path, "rb") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    tok, rank = line.split()
-                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
-                except ValueError as e:
-                    raise TokenizerError(f"{path}: line {n} is not 'base64-token rank' ({e})") from None
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from e
+    for n, line in enumerate(read_bytes(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            tok, rank = line.split()
+            b, r = base64.b64decode(tok, validate=True), int(rank)
+        except ValueError as e:
+            raise TokenizerError(f"{path}: line {n} is not 'base64-token rank' ({e})") from None
+        if b in ranks:
+            raise TokenizerError(f"{path}: line {n}: token {b!r:.60} already has rank {ranks[b]}")
+        ranks[b] = r
     n_base = len(ranks)
     if sorted(ranks.values()) != list(range(n_base)):
         raise TokenizerError(f"{path}: ranks are not the numbers 0..{n_base - 1} each once")
@@ -356,6 +505,11 @@ def load_tiktoken(path: str, special_tokens: list[str] | None = None, pattern: s
         dec = cfg.get("added_tokens_decoder")
         if isinstance(dec, dict) and dec:
             by_id = {int(k): _token_name(v) for k, v in dec.items()}
+            bad = [i for i in by_id if not n_base <= i < n_base + len(by_id)]
+            if bad:
+                cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
+                raise TokenizerError(f"{cfg_path}: added_tokens_decoder id {bad[0]} is outside "
+                                     f"{n_base}..{n_base + len(by_id) - 1} (after the {n_base} ranks)")
             special_tokens = [by_id.get(i, f"<|reserved_special_token_{i - n_base}|>")
                               for i in range(n_base, max(by_id) + 1)]
         else:
@@ -411,13 +565,12 @@ def _int32(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+_PIECE_WIRE = {1: 2, 2: 5, 3: 0}  # piece: bytes, float32, enum
+
+
 def load_sentencepiece_model(path: str) -> Tokenizer:
     """Tokenizer from a SentencePiece BPE model file (protobuf ModelProto), e.g. Llama 2's tokenizer.model."""
-    try:
-        with open(path, "rb") as f:
-            buf = f.read()
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from e
+    buf = read_bytes(path)
     tokens, scores, types = [], [], []
     trainer = {3: 1, 35: 0, 40: 0, 41: 1, 42: 2, 43: -1}  # model_type, byte_fallback, unk/bos/eos/pad ids
     normalizer = {1: b"", 2: b"", 3: 1, 4: 1}  # name, charsmap, add_dummy_prefix, remove_extra_whitespaces
@@ -425,14 +578,25 @@ def load_sentencepiece_model(path: str) -> Tokenizer:
         for num, wt, v in _fields(buf):
             if num == 1 and wt == 2:
                 piece = {1: b"", 2: b"\0\0\0\0", 3: NORMAL}
-                piece.update({n: x for n, _, x in _fields(v)})
+                for n, w, x in _fields(v):
+                    if n in piece and w != _PIECE_WIRE[n]:
+                        raise ValueError(f"piece #{len(tokens)}: field {n} has wire type {w}, not {_PIECE_WIRE[n]}")
+                    piece[n] = x
                 tokens.append(piece[1].decode("utf-8"))
                 scores.append(struct.unpack("<f", piece[2])[0])
                 types.append(piece[3])
             elif num == 2 and wt == 2:
-                trainer.update({n: (_int32(x) if isinstance(x, int) else x) for n, _, x in _fields(v)})
+                for n, w, x in _fields(v):
+                    if n in trainer:
+                        if w != 0:
+                            raise ValueError(f"trainer_spec field {n} has wire type {w}, not 0 (an int)")
+                        trainer[n] = _int32(x)
             elif num == 3 and wt == 2:
-                normalizer.update({n: x for n, _, x in _fields(v)})
+                for n, w, x in _fields(v):
+                    if n in normalizer:
+                        if w != (2 if n in (1, 2) else 0):
+                            raise ValueError(f"normalizer_spec field {n} has wire type {w}")
+                        normalizer[n] = x
     except (ValueError, UnicodeDecodeError, struct.error) as e:
         raise TokenizerError(f"{path}: not a SentencePiece model or tiktoken rank file ({e})") from None
     if not tokens:
@@ -441,7 +605,8 @@ def load_sentencepiece_model(path: str) -> Tokenizer:
         kind = {1: "unigram", 3: "word", 4: "char"}.get(trainer[3], str(trainer[3]))
         raise TokenizerError(f"{path}: SentencePiece model type {kind} is not supported (only BPE)")
     if normalizer[2] or normalizer[1] not in (b"", b"identity"):
-        raise TokenizerError(f"{path}: SentencePiece normalizer {normalizer[1].decode()!r} is not supported (only identity)")
+        raise TokenizerError(f"{path}: SentencePiece normalizer {normalizer[1].decode('utf-8', 'replace')!r} is not supported"
+                             " (only identity)")
     if normalizer[4]:
         raise TokenizerError(f"{path}: remove_extra_whitespaces=true is not supported")
     n = len(tokens)

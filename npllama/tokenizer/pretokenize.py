@@ -171,6 +171,9 @@ def _split_keep(pattern: "regex.Pattern", behavior: str, invert: bool) -> Callab
     return split
 
 
+_BEHAVIORS = ("removed", "isolated", "mergedwithprevious", "mergedwithnext", "contiguous")
+
+
 def pipeline_splitter(steps: list[Callable[[str], list]]) -> Splitter:
     """Run split steps one after the other, each on every piece the previous one made."""
 
@@ -187,20 +190,38 @@ def from_hf_pretokenizer(spec: dict | None) -> tuple[Splitter | None, bool]:
     """Map a tokenizer.json `pre_tokenizer` to (splitter, byte_level); None splitter = whole text."""
     if spec is None:
         return None, False
-    items = spec["pretokenizers"] if spec.get("type") == "Sequence" else [spec]
+    items = spec.get("pretokenizers") if spec.get("type") == "Sequence" else [spec]
+    if not isinstance(items, list):
+        raise ValueError("pre_tokenizer Sequence has no 'pretokenizers' list")
     kinds = []
-    for it in items:
+    for k, it in enumerate(items):
+        if not isinstance(it, dict):
+            raise ValueError(f"pre_tokenizer #{k} {it!r:.60} is not an object")
         t = it.get("type")
+        flags = {f: it[f] for f in ("invert", "use_regex", "add_prefix_space", "individual_digits") if f in it}
+        for f, v in flags.items():
+            if not isinstance(v, bool):
+                raise ValueError(f"pre_tokenizer {t!r:.40} {f} is {v!r:.40}, not true or false")
         if t == "Split":
             pat = it.get("pattern", {})
-            src = pat.get("Regex") if "Regex" in pat else regex.escape(pat.get("String", ""))
-            kinds.append(("split", src, it.get("behavior", "Isolated"), bool(it.get("invert", False))))
+            src = pat.get("Regex") if isinstance(pat, dict) and "Regex" in pat else (
+                regex.escape(pat["String"]) if isinstance(pat, dict) and isinstance(pat.get("String"), str) else None)
+            if not isinstance(src, str):
+                raise ValueError(f"pre_tokenizer Split pattern {pat!r:.60} is not {{'Regex': str}} or {{'String': str}}")
+            behavior = it.get("behavior", "Isolated")
+            if not isinstance(behavior, str) or behavior.lower() not in _BEHAVIORS:
+                raise ValueError(f"pre_tokenizer Split behavior {behavior!r:.40} is not supported")
+            try:
+                regex.compile(src)
+            except regex.error as e:
+                raise ValueError(f"pre_tokenizer Split pattern {src!r:.60} is not a valid regex ({e})") from None
+            kinds.append(("split", src, behavior, it.get("invert", False)))
         elif t == "ByteLevel":
-            kinds.append(("bytelevel", bool(it.get("use_regex", True)), bool(it.get("add_prefix_space", False))))
+            kinds.append(("bytelevel", it.get("use_regex", True), it.get("add_prefix_space", False)))
         elif t == "Digits":
-            kinds.append(("digits", bool(it.get("individual_digits", False))))
+            kinds.append(("digits", it.get("individual_digits", False)))
         else:
-            raise ValueError(f"unsupported pre_tokenizer type {t!r}")
+            raise ValueError(f"unsupported pre_tokenizer type {t!r:.40}")
     byte_level = any(k[0] == "bytelevel" for k in kinds)
     if any(k[0] == "bytelevel" and k[2] for k in kinds):
         raise ValueError("ByteLevel add_prefix_space=true is not supported")
