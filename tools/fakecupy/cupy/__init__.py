@@ -386,12 +386,12 @@ class ndarray:
 
     def __eq__(self, other):
         if other is None or type(other).__eq__ is object.__eq__:
-            return zeros(self.shape, dtype=bool)
+            return _FUNCTIONS["zeros"](self.shape, dtype=bool)
         return _binop("equal")(self, other)
 
     def __ne__(self, other):
         if other is None or type(other).__eq__ is object.__eq__:
-            return ones(self.shape, dtype=bool)
+            return _FUNCTIONS["ones"](self.shape, dtype=bool)
         return _binop("not_equal")(self, other)
 
     def __neg__(self):
@@ -415,8 +415,9 @@ class ndarray:
     fill, flatten, max, mean, min = _method("fill"), _method("flatten"), _method("max"), _method("mean"), _method("min")
     nonzero = _method("nonzero", sync=True)
     partition, prod, put, ravel = _method("partition"), _method("prod"), _method("put"), _method("ravel")
-    repeat, reshape, round, searchsorted = _method("repeat"), _method("reshape"), _method("round"), _method("searchsorted")
-    sort, squeeze, std, sum, swapaxes = _method("sort"), _method("squeeze"), _method("std"), _method("sum"), _method("swapaxes")
+    repeat, reshape, round = _method("repeat"), _method("reshape"), _method("round")
+    searchsorted, sort, squeeze = _method("searchsorted"), _method("sort"), _method("squeeze")
+    std, sum, swapaxes = _method("std"), _method("sum"), _method("swapaxes")
     take = _method("take", host_ok=True)                  # CuPy copies host indices over
     trace, transpose, var = _method("trace"), _method("transpose"), _method("var")
 
