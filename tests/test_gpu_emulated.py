@@ -2,8 +2,9 @@
 compiles every kernel body with g++ and emulates CUDA threads and graph capture.
 
 It proves the glue and the kernels' arithmetic (NumPy vs "CuPy", fused vs plain, graph decoding
-vs plain decoding) on every CI run; only CuPy's own behaviour and TF32 (which the emulation cannot
-have) wait for a real device, where tests/test_gpu.py runs directly.
+vs plain decoding) on every CI run, under CuPy's host/device rules (no mixing, no implicit conversion, no
+NumPy-only functions: tests/test_fakecupy_strict.py); only the rest of CuPy's own behaviour and TF32 (which
+the emulation cannot have) wait for a real device, where tests/test_gpu.py runs directly.
 """
 from __future__ import annotations
 
