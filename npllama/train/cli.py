@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from npllama.cli import UsageError
 from npllama.train.trainer import TrainConfig, Trainer, TrainingDiverged
 
 # flag -> TrainConfig field, for the settings a resumed run takes from its checkpoint unless given again
@@ -76,11 +77,10 @@ def _settings(args: argparse.Namespace, base: dict[str, Any] | None = None) -> t
 
 
 def _load_tokenizer(path: str) -> Any:
-    try:
-        from npllama.tokenizer import Tokenizer
-    except ImportError as e:
-        raise SystemExit(f"error: text data needs npllama's tokenizer, which is not available ({e}); "
-                         f"pass a token file as --data instead") from None
+    from npllama.tokenizer import Tokenizer
+    if path == "default" and not os.path.exists(path):
+        from npllama.io.defaults import default_gguf
+        path = default_gguf()
     return Tokenizer.from_pretrained(path)
 
 
@@ -98,89 +98,82 @@ def _tokens(args: argparse.Namespace, vocab_size: int) -> Any:
             print(f"data: reusing {out} ({len(tf):,} tokens)", flush=True)
         else:
             if not tok_path:
-                raise SystemExit("error: text --data needs --tokenizer (or a --model dir with a tokenizer)")
+                raise UsageError("text --data needs --tokenizer (or a --model dir with a tokenizer)")
             tok = _load_tokenizer(tok_path)
             print(f"data: tokenizing {len(files)} file(s) with {tok_path} ...", flush=True)
             tf = build_token_file(files, tok, out)
             print(f"data: {len(tf):,} tokens -> {out} ({tf.dtype.name})", flush=True)
     if tf.vocab_size > vocab_size:
-        raise SystemExit(f"error: {tf.path} was made with a vocabulary of {tf.vocab_size} ids, "
+        raise UsageError(f"{tf.path} was made with a vocabulary of {tf.vocab_size} ids, "
                          f"the model has only {vocab_size}")
     return tf
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `train` with parsed arguments; returns the exit code (0 done, 1 diverged, 2 bad input)."""
+    """Run `train` with parsed arguments; returns the exit code (0 done, 1 diverged); user mistakes raise."""
     from npllama.config import LlamaConfig
     from npllama.model import Llama
-    from npllama.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-    try:
-        saved = None
-        if args.resume:
-            path = latest_checkpoint(os.path.join(args.out, "checkpoints")) if args.resume == "latest" else args.resume
-            if path is None:
-                print(f"error: --resume: no checkpoint under {os.path.join(args.out, 'checkpoints')}", file=sys.stderr)
-                return 2
-            saved = load_checkpoint(path)["state"]          # verifies completeness before anything else runs
-            run_meta = saved.get("run", {})
-            dtype = args.dtype or saved.get("dtype", "float32")
-            model = Llama.from_pretrained(path, dtype=dtype, backend=args.backend)
-            if not args.data:
-                args.data = run_meta.get("data")
-            args.tokenizer = args.tokenizer or run_meta.get("tokenizer")
-            args.model = args.model or run_meta.get("model")
-            cfg, changed = _settings(args, saved["train_config"])
-            if changed:
-                print("note: resuming with changed settings (no longer bit-exact): " + ", ".join(changed))
-        else:
-            if bool(args.config) == bool(args.model):
-                print("error: give exactly one of --config (train from scratch) or --model (fine-tune), "
-                      "or --resume", file=sys.stderr)
-                return 2
-            cfg, _ = _settings(args)
-            dtype = args.dtype or "float32"
-            if args.config:
-                model = Llama.init(LlamaConfig.from_json(args.config), seed=cfg.seed, dtype=dtype, backend=args.backend)
-            else:
-                model = Llama.from_pretrained(args.model, dtype=dtype, backend=args.backend)
+    from npllama.train.checkpoint import latest_checkpoint, load_checkpoint
+    # user mistakes raise NpllamaError, which npllama.cli.main reports in one line with exit code 2
+    saved = None
+    if args.resume:
+        path = latest_checkpoint(os.path.join(args.out, "checkpoints")) if args.resume == "latest" else args.resume
+        if path is None:
+            raise UsageError(f"--resume: no checkpoint under {os.path.join(args.out, 'checkpoints')}")
+        saved = load_checkpoint(path)["state"]          # verifies completeness before anything else runs
+        run_meta = saved.get("run", {})
+        dtype = args.dtype or saved.get("dtype", "float32")
+        model = Llama.from_pretrained(path, dtype=dtype, backend=args.backend)
         if not args.data:
-            print("error: --data is required", file=sys.stderr)
-            return 2
-        tf = _tokens(args, model.config.vocab_size)
-        train, val = tf.split(args.val_fraction)
-        print(f"model: {model}; train {len(train):,} tokens, validation {len(val):,}", flush=True)
-        run_meta = {"data": [os.path.abspath(d) for d in args.data], "tokenizer": args.tokenizer, "model": args.model}
-        trainer = Trainer(model, train, val, cfg, args.out, extra_state={"run": run_meta})
-        if args.resume:
-            trainer.resume(path)
-            print(f"resumed from {path} at step {trainer.step}", flush=True)
-        with open(os.path.join(args.out, "train_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"train": asdict(cfg), "dtype": model.dtype.name, "backend": model.backend, **run_meta}, f, indent=1)
-        try:
-            trainer.fit()
-        except TrainingDiverged as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        final = os.path.join(args.out, "final")
-        model.save_pretrained(final)
-        tok_src = args.tokenizer or args.model
-        if tok_src:
-            for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-                src = os.path.join(tok_src, name) if os.path.isdir(tok_src) else tok_src
-                if os.path.basename(src) == name and os.path.isfile(src):
-                    shutil.copy(src, os.path.join(final, name))
-        print(f"saved the trained model to {final}")
-        return 0
-    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            args.data = run_meta.get("data")
+        args.tokenizer = args.tokenizer or run_meta.get("tokenizer")
+        args.model = args.model or run_meta.get("model")
+        cfg, changed = _settings(args, saved["train_config"])
+        if changed:
+            print("npllama: note: resuming with changed settings (no longer bit-exact): " + ", ".join(changed))
+    else:
+        if bool(args.config) == bool(args.model):
+            raise UsageError("give exactly one of --config (train from scratch) or --model (fine-tune), "
+                             "or --resume")
+        cfg, _ = _settings(args)
+        dtype = args.dtype or "float32"
+        if args.config:
+            model = Llama.init(LlamaConfig.from_json(args.config), seed=cfg.seed, dtype=dtype, backend=args.backend)
+        else:
+            model = Llama.from_pretrained(args.model, dtype=dtype, backend=args.backend)
+    if not args.data:
+        raise UsageError("--data is required")
+    tf = _tokens(args, model.config.vocab_size)
+    train, val = tf.split(args.val_fraction)
+    print(f"model: {model}; train {len(train):,} tokens, validation {len(val):,}", flush=True)
+    run_meta = {"data": [os.path.abspath(d) for d in args.data], "tokenizer": args.tokenizer, "model": args.model}
+    trainer = Trainer(model, train, val, cfg, args.out, extra_state={"run": run_meta})
+    if args.resume:
+        trainer.resume(path)
+        print(f"resumed from {path} at step {trainer.step}", flush=True)
+    with open(os.path.join(args.out, "train_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"train": asdict(cfg), "dtype": model.dtype.name, "backend": model.backend, **run_meta}, f, indent=1)
+    try:
+        trainer.fit()
+    except TrainingDiverged as e:
+        print(f"npllama: error: {e}", file=sys.stderr)
+        return 1
+    final = os.path.join(args.out, "final")
+    model.save_pretrained(final)
+    tok_src = args.tokenizer or args.model
+    if tok_src:
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+            src = os.path.join(tok_src, name) if os.path.isdir(tok_src) else tok_src
+            if os.path.basename(src) == name and os.path.isfile(src):
+                shutil.copy(src, os.path.join(final, name))
+    print(f"saved the trained model to {final}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: python -m npllama.train.cli ..."""
-    p = argparse.ArgumentParser(prog="npllama train", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """Stand-alone entry: python -m npllama.train.cli ... (the same as `npllama train ...`)."""
+    from npllama.cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
