@@ -133,10 +133,30 @@ def _eos_ids(model: Any, tok: Any) -> list[int]:
     return ids
 
 
+class _FiniteLogits:
+    """The model, with every forward's last-position logits checked: NaN/inf is an error, never a token."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def forward(self, *a: Any, **kw: Any) -> Any:
+        from npllama.generate import NonFiniteError
+        logits = self._model.forward(*a, **kw)
+        if not bool(self._model.xp.isfinite(logits[:, -1]).all()):
+            raise NonFiniteError(f"the model gave non-finite logits (NaN or inf) at position "
+                                 f"{kw.get('start_pos', 0) + logits.shape[1] - 1}: its weights or --dtype overflow")
+        return logits
+
+
 def _run_stream(model: Any, tok: Any, ids: list[int], args: argparse.Namespace, kw: dict[str, Any],
-                out: Any = sys.stdout) -> tuple[str, dict[str, float]]:
-    """Stream the continuation of `ids` to `out`; return the text and the timings."""
+                out: Any = None) -> tuple[str, dict[str, float]]:
+    """Stream the continuation of `ids` to `out` (stdout); return the text and the timings."""
     from npllama.generate import stream
+    out = sys.stdout if out is None else out
+    model = _FiniteLogits(model)
     times: list[float] = []
     t0 = time.perf_counter()
     pieces = []
@@ -469,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemExit as e:  # argparse's --help and usage errors (already printed): the code, for in-process callers
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     except BrokenPipeError:
         _closed_stdout()
         print("npllama: error: stdout was closed before the output was written (broken pipe)", file=sys.stderr)
