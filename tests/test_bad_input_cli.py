@@ -247,3 +247,19 @@ def test_ctrl_c_while_running_exits_130(files):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, (p.returncode, err)
     assert "Traceback" not in err, err
+
+
+def test_train_final_is_a_complete_model_folder(files, tmp_path, capsys):
+    """`train --tokenizer <model's tokenizer.gguf>` leaves out/final with the tokenizer: generate runs on it."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, vocab_size=49152,
+                                          max_position_embeddings=32).to_dict()))
+    out = tmp_path / "run"
+    tok = os.path.join(files["tiny"], "tokenizer.gguf")
+    assert cli.main(["train", "--config", str(cfg), "--data", files["text"], "--tokenizer", tok, "--out", str(out),
+                     "--steps", "1", "--batch-size", "1", "--seq-len", "8", "--eval-every", "0",
+                     "--val-fraction", "0.2"]) == 0
+    assert (out / "final" / "tokenizer.gguf").is_file()
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(out / "final"), "--prompt", "The", "--max-new-tokens", "2"]) == 0

@@ -76,12 +76,34 @@ def _settings(args: argparse.Namespace, base: dict[str, Any] | None = None) -> t
     return TrainConfig.from_dict(d), given
 
 
-def _load_tokenizer(path: str) -> Any:
-    from npllama.tokenizer import Tokenizer
+def _tokenizer_path(path: str) -> str:
+    """--tokenizer as a path: 'default' is the embedded model's GGUF (unless a file of that name exists)."""
     if path == "default" and not os.path.exists(path):
         from npllama.io.defaults import default_gguf
-        path = default_gguf()
-    return Tokenizer.from_pretrained(path)
+        return default_gguf()
+    return path
+
+
+def _load_tokenizer(path: str) -> Any:
+    from npllama.tokenizer import Tokenizer
+    return Tokenizer.from_pretrained(_tokenizer_path(path))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tokenizer.gguf")
+
+
+def _copy_tokenizer(src: str, final: str) -> None:
+    """Put the tokenizer beside the trained weights, so that `final` is a complete model folder."""
+    src = _tokenizer_path(src)
+    if os.path.isdir(src):
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy(os.path.join(src, name), os.path.join(final, name))
+    elif src.endswith(".gguf"):   # a tokenizer.gguf or a whole model's GGUF: its vocabulary only
+        from npllama.io.gguf import write_tokenizer_gguf
+        write_tokenizer_gguf(src, os.path.join(final, "tokenizer.gguf"))
+    elif os.path.basename(src) in TOKENIZER_FILES:
+        shutil.copy(src, os.path.join(final, os.path.basename(src)))
 
 
 def _tokens(args: argparse.Namespace, vocab_size: int) -> Any:
@@ -162,10 +184,7 @@ def run(args: argparse.Namespace) -> int:
     model.save_pretrained(final)
     tok_src = args.tokenizer or args.model
     if tok_src:
-        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-            src = os.path.join(tok_src, name) if os.path.isdir(tok_src) else tok_src
-            if os.path.basename(src) == name and os.path.isfile(src):
-                shutil.copy(src, os.path.join(final, name))
+        _copy_tokenizer(tok_src, final)
     print(f"saved the trained model to {final}")
     return 0
 
