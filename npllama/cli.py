@@ -308,7 +308,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of a text file (non-overlapping windows of --context tokens)."""
     _paths(args, check_only=True)
     if not os.path.isfile(args.file):
-        raise UsageError(f"{args.file}: no such file")
+        raise UsageError(f"{args.file}: {'not a text file' if os.path.exists(args.file) else 'no such file'}")
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()

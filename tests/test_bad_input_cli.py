@@ -90,6 +90,12 @@ ROWS = [
     (["train", "--out", "{root}/run"], None, ["--config", "--model"]),
     (["train", "--config", "{config}", "--out", "{root}/run2"], None, ["--data"]),
     (["train", "--out", "{root}/run3", "--resume"], None, ["--resume"]),
+    (["train", "--config", "{config}", "--data", "{text}", "--tokenizer", "{tiny}", "--out", "{root}/run4",
+      "--steps", "-1"], None, ["--steps"]),
+    (["train", "--config", "{config}", "--data", "{text}", "--tokenizer", "{tiny}", "--out", "{root}/run5",
+      "--batch-size", "0"], None, ["--batch-size"]),
+    (["eval", "{root}", "--model", "{tiny}"], None, ["not a text file"]),
+    (["generate", "--model", "{tiny}", "--prompt", "x", "--stop", ""], None, ["stop"]),
 ]
 
 

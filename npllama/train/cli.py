@@ -73,7 +73,10 @@ def _settings(args: argparse.Namespace, base: dict[str, Any] | None = None) -> t
         d["min_lr"] = d["lr"] / 10                 # the floor follows the peak unless given
     if base is None and args.warmup is None:
         d["warmup"] = min(d["warmup"], d["steps"] // 10)   # a short run is not all warmup
-    return TrainConfig.from_dict(d), given
+    try:
+        return TrainConfig.from_dict(d), given
+    except ValueError as e:   # TrainConfig's checks name the setting; the user gave it as --flag
+        raise UsageError(f"{e} (--{str(e).split()[0].replace('_', '-')})") from None
 
 
 def _tokenizer_path(path: str) -> str:
