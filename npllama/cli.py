@@ -133,30 +133,11 @@ def _eos_ids(model: Any, tok: Any) -> list[int]:
     return ids
 
 
-class _FiniteLogits:
-    """The model, with every forward's last-position logits checked: NaN/inf is an error, never a token."""
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def forward(self, *a: Any, **kw: Any) -> Any:
-        from npllama.generate import NonFiniteError
-        logits = self._model.forward(*a, **kw)
-        if not bool(self._model.xp.isfinite(logits[:, -1]).all()):
-            raise NonFiniteError(f"the model gave non-finite logits (NaN or inf) at position "
-                                 f"{kw.get('start_pos', 0) + logits.shape[1] - 1}: its weights or --dtype overflow")
-        return logits
-
-
 def _run_stream(model: Any, tok: Any, ids: list[int], args: argparse.Namespace, kw: dict[str, Any],
                 out: Any = None) -> tuple[str, dict[str, float]]:
     """Stream the continuation of `ids` to `out` (stdout); return the text and the timings."""
     from npllama.generate import stream
     out = sys.stdout if out is None else out
-    model = _FiniteLogits(model)
     times: list[float] = []
     t0 = time.perf_counter()
     pieces = []
@@ -277,7 +258,7 @@ def perplexity(model: Any, ids: list[int], context: int, chunk: int = EVAL_CHUNK
     """
     import numpy as np
     from npllama.backend import to_host
-    from npllama.generate import NonFiniteError
+    from npllama.generate import NonFiniteLogits
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, context):
         window = ids[start:start + context + 1]
@@ -290,7 +271,7 @@ def perplexity(model: Any, ids: list[int], context: int, chunk: int = EVAL_CHUNK
             logits = to_host(model.forward(x[:, s:s + chunk], cache=cache, start_pos=s))[0]   # (c, V)
             bad = ~np.isfinite(logits).all(axis=-1)
             if bad.any():
-                raise NonFiniteError(f"the model gave non-finite logits at token {start + s + int(bad.argmax())}: "
+                raise NonFiniteLogits(f"the model gave non-finite logits at token {start + s + int(bad.argmax())}: "
                                      f"its weights or --dtype overflow")
             logits = logits.astype(np.float64)
             m = logits.max(axis=-1, keepdims=True)
@@ -300,7 +281,7 @@ def perplexity(model: Any, ids: list[int], context: int, chunk: int = EVAL_CHUNK
         count += T
     mean = nll / count
     if not math.isfinite(mean):
-        raise NonFiniteError(f"the mean loss is not finite ({mean})")
+        raise NonFiniteLogits(f"the mean loss is not finite ({mean})")
     return math.exp(mean), mean, count
 
 

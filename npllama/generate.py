@@ -22,16 +22,20 @@ from npllama.backend import to_host
 from npllama.errors import NpllamaError
 
 
-class GenerationError(NpllamaError, ValueError):
-    """A bad sampling setting or prompt given to generate/stream; the message names the setting."""
+class NonFiniteLogits(NpllamaError, ValueError):
+    """The model produced NaN or infinite logits (broken weights or an overflow); nothing is sampled from them."""
 
 
-class PromptTooLong(GenerationError):
-    """The prompt leaves no room in the model's context for a new token."""
-
-
-class NonFiniteError(NpllamaError, FloatingPointError):
-    """The model produced NaN or infinite logits (broken weights, or a dtype that overflows)."""
+def _check_finite(rows: np.ndarray, live: Sequence[bool], step: int) -> None:
+    """Refuse to sample from a row of (B, V) logits that holds a NaN or an infinity (rows already done are skipped)."""
+    if np.isfinite(rows).all():
+        return
+    for b, alive in enumerate(live):
+        if alive and not np.isfinite(rows[b]).all():
+            v = rows[b][~np.isfinite(rows[b])][0]
+            which = f" of prompt {b}" if len(live) > 1 else ""
+            raise NonFiniteLogits(f"the model's logits are not finite ({v}) at new token {step + 1}{which}: "
+                                  "the model's weights hold NaN or infinite values, or its computation overflowed")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,14 @@ class Sampling:
     def greedy(self) -> bool:
         """True when the next token is the argmax."""
         return self.temperature == 0
+
+
+class GenerationError(NpllamaError, ValueError):
+    """A bad sampling setting or prompt given to generate/stream; the message names the setting."""
+
+
+class PromptTooLong(GenerationError):
+    """The prompt leaves no room in the model's context for a new token."""
 
 
 # ---------------------------------------------------------------- logits processors (B, V) float64
@@ -208,7 +220,9 @@ def iter_tokens(model: Any, prompts: list[list[int]], max_new_tokens: int = 32, 
                            attn_mask=mask[:, :L] if ragged else None, last_only=True)
     done = [False] * B
     for t in range(steps):
-        nxt = sample(to_host(logits)[:, -1, :], sampling, rngs, seen)
+        rows = to_host(logits)[:, -1, :]              # the host copy the sampler reads anyway: no extra sync
+        _check_finite(rows, [not d for d in done], t)
+        nxt = sample(rows, sampling, rngs, seen)
         out: list[int | None] = []
         for b in range(B):
             if done[b]:

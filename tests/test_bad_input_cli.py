@@ -102,7 +102,10 @@ ROWS = [
 def _main(argv, capsys, stdin=None, monkeypatch=None):
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", stdin)
-    rc = cli.main(argv)
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:   # argparse's own exit, for versions of main() that let it through
+        rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
 
