@@ -141,6 +141,15 @@ def test_closed_stdout_is_an_error(files, capsys, monkeypatch):
     assert_one_line(rc, capsys.readouterr().err, ["stdout"])
 
 
+def test_stdout_closed_by_the_reader_is_one_line(files, capsys, monkeypatch):
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    rc = cli.main(["generate", "--model", files["tiny"], "--prompt", "x", "--max-new-tokens", "3"])
+    assert_one_line(rc, capsys.readouterr().err, ["stdout", "broken pipe"])
+
+
 def test_convert_force_overwrites(files, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
