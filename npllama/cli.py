@@ -37,8 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------- numeric flags
-def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
-            ) -> Any:
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Any:
     """An argparse `type=` that accepts finite numbers of `kind` in [low, high] ((low, high] with low_open)."""
     def parse(text: str) -> Any:
         try:
@@ -54,7 +53,6 @@ def _number(kind: type, low: float | None = None, high: float | None = None, low
             raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'} "
                                              f"{' and '.join(x for x in (lo, hi) if x)}, got {text!r}".rstrip())
         return v
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
 
@@ -272,7 +270,7 @@ def perplexity(model: Any, ids: list[int], context: int, chunk: int = EVAL_CHUNK
             bad = ~np.isfinite(logits).all(axis=-1)
             if bad.any():
                 raise NonFiniteLogits(f"the model gave non-finite logits at token {start + s + int(bad.argmax())}: "
-                                     f"its weights or --dtype overflow")
+                                      f"its weights hold NaN/inf or its computation overflowed")
             logits = logits.astype(np.float64)
             m = logits.max(axis=-1, keepdims=True)
             logz = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[:, 0]
