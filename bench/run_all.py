@@ -7,7 +7,7 @@
 
 Each workload script runs its sides (npllama, PyTorch, llama.cpp) in separate processes and writes
 <workload>.json and .md; this driver adds all.md / all.json with every table. The tokenizer
-benchmark is the tokenizer's own bench/bench_tokenizer.py, run as it is when present.
+workload runs bench/bench_tokenizer.py as it is, in a child process.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ WORKLOADS = ("smollm2", "train", "tokenizer")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the named workloads (default: all) and write the combined report; returns the exit code."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workloads", nargs="*", choices=[*WORKLOADS, []], help="default: all")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
@@ -47,22 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(open(os.path.join(out, "train_step.md")).read())
     if "tokenizer" in todo:
         script = os.path.join(C.ROOT, "bench", "bench_tokenizer.py")
-        if os.path.exists(script):
-            env = dict(os.environ, PYTHONPATH=C.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            targs = ["--repeats", "2", "--mb", "0.2"] if a.quick else []
-            if os.environ.get("NPLLAMA_BENCH_TINY"):      # the smoke test: machinery only
-                targs = ["--repeats", "1", "--mb", "0.01"]
-            p = subprocess.run([sys.executable, script] + targs, capture_output=True, text=True, env=env)
-            text = p.stdout.strip() if p.returncode == 0 else f"bench_tokenizer.py failed (exit {p.returncode}): " \
-                + (p.stderr or p.stdout).strip()[-800:]
-            print(text)
-            data["tokenizer"] = {"output": text, "returncode": p.returncode}
-            sections.append("### Tokenizer encode (bench/bench_tokenizer.py)\n\n" + text)
-        else:
-            msg = "bench/bench_tokenizer.py is missing from this tree (it comes with the tokenizer work)"
-            print(msg)
-            data["tokenizer"] = {"missing": msg}
-            sections.append("### Tokenizer encode\n\n" + msg)
+        env = dict(os.environ, PYTHONPATH=C.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        targs = ["--repeats", "2", "--mb", "0.2"] if a.quick else []
+        if os.environ.get("NPLLAMA_BENCH_TINY"):      # the smoke test: machinery only
+            targs = ["--repeats", "1", "--mb", "0.01"]
+        p = subprocess.run([sys.executable, script] + targs, capture_output=True, text=True, env=env)
+        text = p.stdout.strip() if p.returncode == 0 else f"bench_tokenizer.py failed (exit {p.returncode}): " \
+            + (p.stderr or p.stdout).strip()[-800:]
+        print(text)
+        data["tokenizer"] = {"output": text, "returncode": p.returncode}
+        sections.append("### Tokenizer encode (bench/bench_tokenizer.py)\n\n" + text)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "all.json"), "w") as f:
         json.dump(data, f, indent=1)

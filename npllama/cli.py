@@ -2,14 +2,15 @@
 
 `python run.py` with no arguments answers a default prompt with the embedded default model
 (SmolLM2-135M-Instruct) and prints load time, time to first token and tokens/s.
-Errors a user can fix (a bad path, flag or file) print one line on stderr and exit with code 2.
+Errors a user can fix (an NpllamaError, or an OSError naming a file) print one line on stderr and exit
+with code 2; anything else is a bug, reported in one line as an internal error with exit code 1.
+Ctrl-C exits with code 130.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Any
@@ -18,6 +19,10 @@ from npllama.errors import NpllamaError
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# the install requirements, with what to install when one is missing
+_REQUIRED = {"numpy": "numpy", "safetensors": "safetensors", "regex": "regex", "gguf": "gguf"}
+SUBCOMMANDS = ("generate", "chat", "eval", "convert", "train", "bench")
 
 
 class UsageError(NpllamaError):
@@ -31,23 +36,44 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# ---------------------------------------------------------------- numeric flags
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False) -> Any:
+    """An argparse `type=` that accepts finite numbers of `kind` in [low, high] ((low, high] with low_open)."""
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        bad = not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low)) or \
+            (high is not None and v > high)
+        if bad:
+            lo = "" if low is None else (f"> {low:g}" if low_open else f">= {low:g}")
+            hi = "" if high is None else f"<= {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'} "
+                                             f"{' and '.join(x for x in (lo, hi) if x)}, got {text!r}".rstrip())
+        return v
+    return parse
+
+
 # ---------------------------------------------------------------- shared pieces
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", help="model: an HF dir (config.json + *.safetensors) or a .gguf "
                    "file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer file or dir (default: the model's)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer file or dir, or 'default' for the embedded "
+                   "model's vocabulary (default: the model's)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array backend (default numpy)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute dtype (default float32)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible runs)")
+    p.add_argument("--seed", type=_number(int, 0), default=None, help="random seed for sampling (reproducible runs)")
 
 
 def _sampling(p: argparse.ArgumentParser, max_new: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new, metavar="N", help=f"default {max_new}")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=_number(int, 0), default=max_new, metavar="N", help=f"default {max_new}")
+    p.add_argument("--temperature", type=_number(float, 0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=_number(int, 1), default=None)
+    p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=None)
+    p.add_argument("--min-p", type=_number(float, 0, 1), default=None)
+    p.add_argument("--repetition-penalty", type=_number(float, 0, low_open=True), default=1.0)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when the output contains TEXT "
                    "(repeatable)")
     p.add_argument("--quiet", action="store_true", help="do not print timings on stderr")
@@ -55,19 +81,18 @@ def _sampling(p: argparse.ArgumentParser, max_new: int) -> None:
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from npllama.generate import Sampling
-    try:  # validate before any model is loaded, so a bad flag fails fast
-        Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    # validated before any model is loaded, so a bad flag fails fast
+    Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def _paths(args: argparse.Namespace, check_only: bool = False) -> tuple[str, str]:
     """(model path, tokenizer path), the embedded default when --model is left out."""
-    if args.tokenizer and not os.path.exists(args.tokenizer):
+    if args.tokenizer == "default" and not os.path.exists(args.tokenizer) and not check_only:
+        from npllama.io.defaults import default_gguf
+        args.tokenizer = default_gguf()
+    if args.tokenizer and args.tokenizer != "default" and not os.path.exists(args.tokenizer):
         raise UsageError(f"--tokenizer {args.tokenizer}: no such file or directory")
     if args.model is None:
         if check_only:
@@ -107,9 +132,10 @@ def _eos_ids(model: Any, tok: Any) -> list[int]:
 
 
 def _run_stream(model: Any, tok: Any, ids: list[int], args: argparse.Namespace, kw: dict[str, Any],
-                out: Any = sys.stdout) -> tuple[str, dict[str, float]]:
-    """Stream the continuation of `ids` to `out`; return the text and the timings."""
+                out: Any = None) -> tuple[str, dict[str, float]]:
+    """Stream the continuation of `ids` to `out` (stdout); return the text and the timings."""
     from npllama.generate import stream
+    out = sys.stdout if out is None else out
     times: list[float] = []
     t0 = time.perf_counter()
     pieces = []
@@ -126,8 +152,12 @@ def _run_stream(model: Any, tok: Any, ids: list[int], args: argparse.Namespace, 
 
 
 def _print_stats(load_s: float, stats: dict[str, float]) -> None:
-    print(f"[load {load_s:.2f} s | prompt {stats['prompt_tokens']} tokens, first token {stats['first_token_s']:.3f} s"
-          f" | {stats['new_tokens']} new tokens, {stats['tok_per_s']:.1f} tok/s]", file=sys.stderr)
+    parts = [f"load {load_s:.2f} s", f"prompt {stats['prompt_tokens']} tokens"]
+    if stats["new_tokens"]:   # no token, no first-token time; one token, no rate
+        parts[-1] += f", first token {stats['first_token_s']:.3f} s"
+    rate = f", {stats['tok_per_s']:.1f} tok/s" if math.isfinite(stats["tok_per_s"]) else ""
+    parts.append(f"{stats['new_tokens']} new tokens{rate}")
+    print(f"[{' | '.join(parts)}]", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- generate
@@ -137,11 +167,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _paths(args, check_only=True)  # a bad --model is reported before stdin is read
     prompt = args.prompt if args.prompt is not None else args.text
     if prompt is None:
-        if args.default_run or sys.stdin is None or sys.stdin.isatty():
+        if args.default_run:
             prompt = DEFAULT_PROMPT
+        elif sys.stdin is None or sys.stdin.closed:
+            raise UsageError("no prompt: stdin is closed (give --prompt TEXT or a positional prompt)")
+        elif sys.stdin.isatty():
+            prompt = DEFAULT_PROMPT   # a terminal with nothing piped in: the demo prompt, shown below
         else:
-            prompt = sys.stdin.read()
-    if prompt.strip() == "" and not args.chat:
+            prompt = sys.stdin.read()   # as it is: a trailing newline is part of the prompt
+    if prompt.strip() == "":
         raise UsageError("the prompt is empty (give --prompt TEXT, a positional prompt, or text on stdin)")
     model, tok, load_s = _load(args)
     if args.chat:
@@ -150,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
     else:
         ids = tok.encode(prompt, bos=bool(getattr(tok, "add_bos", False)))
-    if args.default_run:
+    if prompt is DEFAULT_PROMPT:
         print(f"> {prompt}", file=sys.stderr)
     _, stats = _run_stream(model, tok, ids, args, kw)
     print()
@@ -162,7 +196,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- chat
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive chat with history; /reset forgets it, /exit or Ctrl-D leaves. Works through a pipe."""
+    from npllama.generate import PromptTooLong
     kw = _sampling_kwargs(args)
+    _paths(args, check_only=True)
+    if sys.stdin is None or sys.stdin.closed:
+        raise UsageError("chat reads its messages from stdin, which is closed")
     model, tok, load_s = _load(args)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -196,7 +234,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"> {line}")
         try:
             reply, stats = _run_stream(model, tok, ids, args, kw)
-        except ValueError as e:  # e.g. one message longer than the context: say so, keep the session
+        except PromptTooLong as e:  # one message longer than the context: say so, keep the session
             print(f"npllama: error: {e}", file=sys.stderr)
             history.pop()
             continue
@@ -207,44 +245,66 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- eval
-def perplexity(model: Any, ids: list[int], context: int) -> tuple[float, float, int]:
-    """(perplexity, mean NLL, tokens scored) of `ids`, in non-overlapping windows of `context` tokens."""
+EVAL_CHUNK = 256   # positions scored per forward call: bounds the (chunk, vocab) logits eval holds at once
+
+
+def perplexity(model: Any, ids: list[int], context: int, chunk: int = EVAL_CHUNK) -> tuple[float, float, int]:
+    """(perplexity, mean NLL, tokens scored) of `ids`, in non-overlapping windows of `context` tokens.
+
+    Each window is fed `chunk` tokens at a time through a KV cache, so memory holds one (chunk, vocab)
+    block of logits, not (context, vocab). Non-finite logits are an error naming the token position.
+    """
     import numpy as np
     from npllama.backend import to_host
+    from npllama.generate import NonFiniteLogits
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, context):
-        chunk = ids[start:start + context + 1]
-        if len(chunk) < 2:
+        window = ids[start:start + context + 1]
+        if len(window) < 2:
             break
-        x = np.array([chunk[:-1]], dtype=np.int64)
-        logits = to_host(model.forward(x))[0].astype(np.float64)            # (T, V)
-        m = logits.max(axis=-1, keepdims=True)
-        logz = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[:, 0]
-        nll += float((logz - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
-        count += len(chunk) - 1
+        x = np.array([window[:-1]], dtype=np.int64)
+        T = x.shape[1]
+        cache = model.new_cache(1, T)
+        for s in range(0, T, chunk):
+            logits = to_host(model.forward(x[:, s:s + chunk], cache=cache, start_pos=s))[0]   # (c, V)
+            bad = ~np.isfinite(logits).all(axis=-1)
+            if bad.any():
+                raise NonFiniteLogits(f"the model gave non-finite logits at token {start + s + int(bad.argmax())}: "
+                                      f"its weights hold NaN/inf or its computation overflowed")
+            logits = logits.astype(np.float64)
+            m = logits.max(axis=-1, keepdims=True)
+            logz = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[:, 0]
+            targets = np.asarray(window[s + 1:s + 1 + logits.shape[0]])
+            nll += float((logz - logits[np.arange(len(targets)), targets]).sum())
+        count += T
     mean = nll / count
+    if not math.isfinite(mean):
+        raise NonFiniteLogits(f"the mean loss is not finite ({mean})")
     return math.exp(mean), mean, count
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of a text file (non-overlapping windows of --context tokens)."""
+    _paths(args, check_only=True)
     if not os.path.isfile(args.file):
-        raise UsageError(f"{args.file}: no such file")
+        raise UsageError(f"{args.file}: {'not a text file' if os.path.exists(args.file) else 'no such file'}")
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
         raise UsageError(f"{args.file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     model, tok, load_s = _load(args)
+    ctx = model.config.max_position_embeddings
+    if args.context > ctx:
+        raise UsageError(f"--context {args.context} is longer than the model's context ({ctx} tokens)")
     ids = tok.encode(text, bos=args.bos)
     if args.max_tokens:
         ids = ids[:args.max_tokens + 1]
     if len(ids) < 2:
         raise UsageError(f"{args.file}: needs at least 2 tokens of text")
-    context = min(args.context, model.config.max_position_embeddings)
     t0 = time.perf_counter()
-    ppl, nll, n = perplexity(model, ids, context)
-    print(f"perplexity {ppl:.4f}  (mean NLL {nll:.6f} over {n} tokens, windows of {context}; "
+    ppl, nll, n = perplexity(model, ids, args.context)
+    print(f"perplexity {ppl:.4f}  (mean NLL {nll:.6f} over {n} tokens, windows of {args.context}; "
           f"{n / (time.perf_counter() - t0):.0f} tok/s)")
     return 0
 
@@ -261,6 +321,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError(f"{src}: no such file or directory")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"{args.out}: exists and is not a directory")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
+        raise UsageError(f"{args.out}: the folder is not empty (pass --force to overwrite it)")
     t0 = time.perf_counter()
     if src.endswith(".gguf"):
         from npllama.io.gguf import load_gguf
@@ -284,48 +346,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- train / bench
-def _train_module() -> Any:
-    try:
-        from npllama.train import cli as train_cli
-    except ImportError:
-        return None
-    return train_cli if hasattr(train_cli, "add_arguments") and hasattr(train_cli, "run") else None
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Delegates to npllama.train.cli."""
-    mod = _train_module()
-    if mod is None:
-        raise UsageError("training is not available in this build (npllama.train.cli is missing)")
-    return int(mod.run(args) or 0)
+    from npllama.train import cli as train_cli
+    return int(train_cli.run(args) or 0)
 
 
 def _bench_dir() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
+BENCH_WORKLOADS = ("smollm2", "train", "tokenizer")   # bench/run_all.py's
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the scripts in the repository's bench/ folder (all, or the ones named)."""
+    """Run bench/run_all.py (all workloads, or the ones named) from the source checkout."""
     d = _bench_dir()
-    if not os.path.isdir(d):
-        raise UsageError(f"no bench/ folder at {d} (benchmarks live in the source checkout)")
-    scripts = sorted(f for f in os.listdir(d) if f.endswith(".py") and not f.startswith("_"))
-    if args.names:
-        wanted = [n if n.endswith(".py") else n + ".py" for n in args.names]
-        missing = [n for n in wanted if n not in scripts]
-        if missing:
-            raise UsageError(f"no benchmark {missing[0]!r} in {d} (have: {', '.join(scripts) or 'none'})")
-        scripts = wanted
-    if not scripts:
-        raise UsageError(f"no benchmark scripts in {d}")
-    if args.list:
-        print("\n".join(scripts))
-        return 0
-    rc = 0
-    for s in scripts:
-        print(f"== {s}", flush=True)
-        rc = subprocess.call([sys.executable, os.path.join(d, s)] + args.extra) or rc
-    return rc
+    if not os.path.isfile(os.path.join(d, "run_all.py")):
+        raise UsageError(f"no bench/run_all.py at {d}: the benchmarks live in the source checkout, not the "
+                         f"installed package")
+    bad = [w for w in args.workloads if w not in BENCH_WORKLOADS]
+    if bad:
+        raise UsageError(f"no benchmark workload {bad[0]!r} (choose from {', '.join(BENCH_WORKLOADS)})")
+    argv = list(args.workloads) + (["--quick"] if args.quick else []) + \
+        (["--out", args.out] if args.out else []) + (["--no-retry"] if args.no_retry else [])
+    if d not in sys.path:
+        sys.path.insert(0, d)   # run_all imports its sibling scripts by name
+    import run_all
+    return int(run_all.main(argv) or 0)
 
 
 # ---------------------------------------------------------------- parser and entry point
@@ -353,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a text file", description=cmd_eval.__doc__)
     e.add_argument("file", help="a UTF-8 text file")
-    e.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
-    e.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
+    e.add_argument("--context", type=_number(int, 1), default=512, help="window length in tokens (default 512; "
+                   "at most the model's context)")
+    e.add_argument("--max-tokens", type=_number(int, 0), default=0, help="score only the first N tokens (0 = all)")
     e.add_argument("--bos", action="store_true", help="start the text with the BOS token")
     _common(e)
     e.set_defaults(func=cmd_eval)
@@ -364,36 +413,85 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("out", help="output directory (config.json + model.safetensors)")
     v.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"), default="float32",
                    help="stored dtype (default float32)")
+    v.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     v.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("train", help="train or fine-tune a model", description=cmd_train.__doc__)
-    mod = _train_module()
-    if mod is not None:
-        mod.add_arguments(t)
+    from npllama.train import cli as train_cli
+    train_cli.add_arguments(t)
     t.set_defaults(func=cmd_train)
 
-    b = sub.add_parser("bench", help="run the benchmarks in bench/", description=cmd_bench.__doc__)
-    b.add_argument("names", nargs="*", help="scripts to run (default: all)")
-    b.add_argument("--list", action="store_true", help="list the scripts and exit")
-    b.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to every script")
+    b = sub.add_parser("bench", help="run bench/run_all.py (source checkout only)", description=cmd_bench.__doc__)
+    b.add_argument("workloads", nargs="*", metavar="WORKLOAD",
+                   help=f"some of {', '.join(BENCH_WORKLOADS)} (default: all)")
+    b.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
+    b.add_argument("--out", metavar="DIR", help="where the reports go (default bench/results)")
+    b.add_argument("--no-retry", action="store_true", help="do not rerun a side disturbed by other processes")
     b.set_defaults(func=cmd_bench)
     return ap
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'bad input' (a path, a file, a flag value): one line, exit code 2."""
-    errs: list[type[BaseException]] = [UsageError, OSError, ValueError, KeyError]
-    for mod, name in (("npllama.backend", "BackendError"), ("npllama.tokenizer.errors", "TokenizerError")):
-        try:
-            errs.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errs)
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message of a user mistake (exit code 2), or None for a bug."""
+    if isinstance(e, NpllamaError):
+        return str(e)
+    if isinstance(e, OSError) and e.filename is not None:   # a path the user named: missing, unreadable, full disk
+        return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in _REQUIRED:
+        name = e.name.split(".")[0]
+        return f"the Python package {name!r} is not installed for {sys.executable}: pip install {_REQUIRED[name]} " \
+               f"(or, from the source checkout, pip install -e .)"
+    return None
+
+
+def _no_subcommand(argv: list[str]) -> str | None:
+    """A message for options given before (or without) a subcommand, e.g. `npllama --model x`."""
+    if not argv or argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help") or not argv[0].startswith("-"):
+        return None
+    return f"{argv[0]} needs a subcommand before it, e.g. npllama generate {' '.join(argv)} " \
+           f"(subcommands: {', '.join(SUBCOMMANDS)})"
+
+
+def _closed_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null, so that the exit flush does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `run.py` and the `npllama` console script."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as e:  # argparse's --help and usage errors (already printed): the code, for in-process callers
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    except BrokenPipeError:
+        _closed_stdout()
+        print("npllama: error: stdout was closed before the output was written (broken pipe)", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        msg = _user_error(e)
+        if msg is not None:
+            print(f"npllama: error: {msg}", file=sys.stderr)
+            return EXIT_USAGE
+        if os.environ.get("NPLLAMA_DEBUG"):  # a bug, not a user mistake: one line unless asked for the traceback
+            raise
+        print(f"npllama: internal error: {type(e).__name__}: {e} (set NPLLAMA_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str]) -> int:
+    if sys.stdout is None or sys.stdout.closed:
+        raise UsageError("stdout is closed: npllama writes its results there")
+    msg = _no_subcommand(argv)
+    if msg:
+        raise UsageError(msg)
     parser = build_parser()
     default_run = not argv
     args = parser.parse_args(["generate", "--chat"] if default_run else argv)
@@ -402,23 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if default_run:
         args.default_run = True
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
-    except _known_errors() as e:
-        msg = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
-        print(f"npllama: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as e:  # a bug, not a user mistake: still one line unless asked for the traceback
-        if os.environ.get("NPLLAMA_DEBUG"):
-            raise
-        print(f"npllama: internal error: {type(e).__name__}: {e} (set NPLLAMA_DEBUG=1 for a traceback)",
-              file=sys.stderr)
-        return 1
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

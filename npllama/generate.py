@@ -50,24 +50,32 @@ class Sampling:
     def __post_init__(self) -> None:
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+            raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         k = self.top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {k!r}")
+            raise GenerationError(f"top_k must be a positive integer or None, got {k!r}")
         p = self.top_p
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
+            raise GenerationError(f"top_p must be in (0, 1] or None, got {p!r}")
         m = self.min_p
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1):
-            raise ValueError(f"min_p must be in [0, 1] or None, got {m!r}")
+            raise GenerationError(f"min_p must be in [0, 1] or None, got {m!r}")
         r = self.repetition_penalty
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {r!r}")
+            raise GenerationError(f"repetition_penalty must be a finite number > 0 (1 = off), got {r!r}")
 
     @property
     def greedy(self) -> bool:
         """True when the next token is the argmax."""
         return self.temperature == 0
+
+
+class GenerationError(NpllamaError, ValueError):
+    """A bad sampling setting or prompt given to generate/stream; the message names the setting."""
+
+
+class PromptTooLong(GenerationError):
+    """The prompt leaves no room in the model's context for a new token."""
 
 
 # ---------------------------------------------------------------- logits processors (B, V) float64
@@ -157,7 +165,7 @@ def _as_prompts(prompt_ids: Any) -> tuple[list[list[int]], bool]:
             return [[int(t) for t in a]], False
         if a.ndim == 2:
             return [[int(t) for t in row] for row in a], True
-        raise ValueError(f"prompt_ids must be 1-D (one prompt) or 2-D (a batch), got shape {a.shape}")
+        raise GenerationError(f"prompt_ids must be 1-D (one prompt) or 2-D (a batch), got shape {a.shape}")
     a = list(a)
     if a and all(isinstance(r, (list, tuple)) or getattr(r, "ndim", 0) >= 1 for r in a):
         return [[int(t) for t in r] for r in a], True
@@ -173,20 +181,20 @@ def iter_tokens(model: Any, prompts: list[list[int]], max_new_tokens: int = 32, 
     The EOS token itself is yielded (the caller decides whether to keep it).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise GenerationError(f"seed must be an integer >= 0 or None, got {seed!r}")
     c = model.config
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise GenerationError("every prompt needs at least one token")
     for p in prompts:
         bad = [t for t in p if not 0 <= t < c.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is out of range for vocab_size={c.vocab_size}")
+            raise GenerationError(f"token id {bad[0]} is out of range for vocab_size={c.vocab_size}")
     B, L = len(prompts), max(len(p) for p in prompts)
     ctx = c.max_position_embeddings
     if L >= ctx:
-        raise ValueError(f"the prompt has {L} tokens but the model's context is {ctx}: "
+        raise PromptTooLong(f"the prompt has {L} tokens but the model's context is {ctx}: "
                          f"shorten it (at most {ctx - 1} tokens leave room for one new token)")
     steps = min(int(max_new_tokens), ctx - L)       # generation stops at the end of the context
     if steps == 0:
@@ -260,9 +268,9 @@ def generate(model: Any, prompt_ids: Any, max_new_tokens: int = 32, temperature:
     s = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     stop = [stop] if isinstance(stop, str) else list(stop)
     if stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer to decode the output: pass tokenizer=")
+        raise GenerationError("stop strings need a tokenizer to decode the output: pass tokenizer=")
     if any(not isinstance(x, str) or not x for x in stop):
-        raise ValueError("stop strings must be non-empty strings")
+        raise GenerationError("stop strings must be non-empty strings")
     eos = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
     outs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
@@ -302,7 +310,7 @@ def stream(model: Any, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens
         raise TypeError(f"stream() got an unexpected keyword argument {next(iter(kw))!r}")
     stop = [stop] if isinstance(stop, str) else list(stop)
     if any(not isinstance(x, str) or not x for x in stop):
-        raise ValueError("stop strings must be non-empty strings")
+        raise GenerationError("stop strings must be non-empty strings")
     eos = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
     ids: list[int] = []
     sent = 0

@@ -73,11 +73,13 @@ def test_train_step_machinery_on_a_tiny_model(bench_env):
     assert (bench_env / "out" / "train_step.md").exists()
 
 
-def test_run_all_reports_the_tokenizer_bench_or_its_absence(bench_env):
-    import run_all
-    assert run_all.main(["tokenizer", "--out", str(bench_env / "out")]) == 0
-    text = (bench_env / "out" / "all.md").read_text()
-    assert "Tokenizer" in text
+def test_run_py_bench_runs_run_all(bench_env):
+    """`run.py bench tokenizer --out DIR` is run_all's tokenizer workload: its report lands in DIR/all.md."""
+    from npllama import cli
+    assert cli.main(["bench", "tokenizer", "--quick", "--out", str(bench_env / "out")]) == 0
+    data = json.loads((bench_env / "out" / "all.json").read_text())
+    assert set(data) == {"machine", "tokenizer"} and data["tokenizer"]["returncode"] == 0, data
+    assert "Tokenizer encode" in (bench_env / "out" / "all.md").read_text()
 
 
 def test_f32_gguf_writer_keeps_metadata_and_dequantizes(tmp_path):

@@ -180,9 +180,9 @@ def test_bad_inputs(tiny, tmp_path):
         (["generate", "--model", str(binary), "--prompt", "x"], ["expected a model directory"]),
         (["generate", "--model", tiny, "--tokenizer", str(tmp_path / "nope"), "--prompt", "x"], ["--tokenizer"]),
         (["generate", "--bogus"], ["unrecognized arguments: --bogus"]),
-        (["generate", "--max-new-tokens", "abc"], ["invalid int value"]),
+        (["generate", "--max-new-tokens", "abc"], ["--max-new-tokens", "expected an integer"]),
         (["generate", "--temperature", "-1", "--prompt", "x"], ["temperature"]),
-        (["generate", "--top-p", "2", "--prompt", "x"], ["top_p"]),
+        (["generate", "--top-p", "2", "--prompt", "x"], ["--top-p"]),
         (["generate", "--backend", "tpu"], ["invalid choice"]),
         (["generate", "--model", tiny, "--prompt", "x", "--dtype", "float16"], ["invalid choice"]),
         (["generate", "--model", tiny, "--prompt", "word " * 80], ["context"]),
@@ -205,12 +205,8 @@ def test_bad_inputs(tiny, tmp_path):
 def test_train_and_bench_are_wired():
     p = run("train", "--help", check=0)
     assert "usage:" in p.stdout
-    bench = os.path.join(REPO, "bench")
-    p = run("bench", "--list")
-    if os.path.isdir(bench):
-        assert p.returncode == 0 and p.stdout.strip()
-    else:
-        one_line_error(p, "bench")
+    p = run("bench", "--help", check=0)
+    assert "--quick" in p.stdout and "smollm2" in p.stdout
 
 
 def test_missing_default_model_message(monkeypatch):

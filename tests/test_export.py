@@ -134,3 +134,47 @@ def test_export_errors(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert export.main([str(bad), str(tmp_path / "o"), "--config", str(bad)]) == 2
+
+
+def _one_line(capsys, *words):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("key,value", [("n_heads", "4"), ("dim", 0), ("n_layers", None), ("norm_eps", float("nan")),
+                                       ("n_kv_heads", 3)])
+def test_bad_params_json_is_one_line(tmp_path, capsys, key, value):
+    d = write_meta(tmp_path, hf_model(seed=4, num_attention_heads=4, num_key_value_heads=2))
+    params = json.loads(open(os.path.join(d, "params.json")).read())
+    params[key] = value
+    with open(os.path.join(d, "params.json"), "w") as f:
+        f.write(json.dumps(params))
+    assert export.main([d, str(tmp_path / "o")]) == 2
+    _one_line(capsys, "params.json", key if key != "n_kv_heads" else "n_kv_heads")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_nonfinite_tensors_refused_unless_allowed(tmp_path, capsys, save_hf):
+    m = hf_model(seed=5)
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[3, 7] = float("nan")
+    src = save_hf(m)
+    capsys.readouterr()   # transformers' progress bar
+    assert export.main([src, str(tmp_path / "o")]) == 2
+    _one_line(capsys, "model.layers.1.mlp.up_proj.weight", "--allow-nonfinite")
+    assert not os.path.exists(tmp_path / "o")
+    assert export.main([src, str(tmp_path / "o"), "--allow-nonfinite"]) == 0
+    assert "model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
+
+
+def test_torch_missing_or_too_old_is_one_line(tmp_path, capsys, monkeypatch, save_hf):
+    src = save_hf(hf_model(seed=6))
+    capsys.readouterr()
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    assert export.main([src, str(tmp_path / "o")]) == 2
+    _one_line(capsys, "2.5.1", "torch>=2.6")
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)
+    assert export.main([src, str(tmp_path / "o")]) == 2
+    _one_line(capsys, "PyTorch", "pip install")

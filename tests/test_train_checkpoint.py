@@ -142,10 +142,11 @@ def test_cli_train_resume_and_export(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "resumed" in text and "step_000008" in text and "steps=12 (was 8)" in text
     assert load_checkpoint(os.path.join(out, "checkpoints"))["state"]["step"] == 12
-    # bad input is named
-    assert run("--out", str(tmp_path / "x"), "--data", tf.path) == 2
-    assert "--config" in capsys.readouterr().err
-    assert run("--out", str(tmp_path / "none"), "--resume") == 2
+    # bad input is named, in one line with the CLI's prefix and exit code 2
+    from npllama.cli import main
+    assert main(["train", "--out", str(tmp_path / "x"), "--data", tf.path]) == 2
+    assert capsys.readouterr().err.startswith("npllama: error: give exactly one of --config")
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 

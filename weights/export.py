@@ -9,7 +9,9 @@ Three sources, detected from what SRC is:
     convert_llama_weights_to_hf applies makes the two compute the same thing.
 
 Usage:  python weights/export.py SRC OUT [--config config.json] [--dtype float32|float16|bfloat16|float64]
-Checkpoints are read with torch.load(weights_only=True): no pickled code runs. Needs torch (this tool only).
+Checkpoints are read with torch.load(weights_only=True): no pickled code runs. Needs torch >= 2.6 (this tool only;
+older versions' weights_only loader could be made to run code). Tensors with NaN or inf are refused unless
+--allow-nonfinite is given (then each one is named in a warning).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from npllama.config import LlamaConfig  # noqa: E402
+from npllama.errors import NpllamaError  # noqa: E402
 from npllama.io.convert import STORE_DTYPES, save_hf  # noqa: E402
 from npllama.io.gguf import unpermute_rotary  # noqa: E402
 
@@ -33,17 +36,33 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.gguf", "tokenizer_config.json", 
                    "generation_config.json", "chat_template.jinja")
 
 
-class ExportError(ValueError):
+class ExportError(NpllamaError, ValueError):
     """A checkpoint that cannot be exported; the message names the file or tensor."""
 
 
+MIN_TORCH = (2, 6)   # torch.load(weights_only=True) is safe against crafted pickles from 2.6 on (CVE-2025-32434)
+
+
+def _torch() -> Any:
+    """The torch module, or an ExportError saying what to install."""
+    try:
+        import torch
+    except ImportError:
+        raise ExportError("weights/export.py needs PyTorch to read checkpoints: pip install 'torch>=2.6'") from None
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2] if x.isdigit())
+    if version < MIN_TORCH:
+        raise ExportError(f"torch {torch.__version__} is too old: weights_only=True loading is safe only from "
+                          f"torch 2.6 on (pip install 'torch>=2.6')")
+    return torch
+
+
 def _numpy(t: Any, dtype: str) -> np.ndarray:
-    import torch
+    torch = _torch()
     return t.detach().to(torch.float64 if dtype == "float64" else torch.float32).cpu().numpy()
 
 
 def _load_torch(path: str) -> dict[str, Any]:
-    import torch
+    torch = _torch()
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
@@ -59,7 +78,18 @@ def _load_torch(path: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- (a) HF layout
-def export_state_dict(state_dict: dict[str, Any], config: Any, out: str, dtype: str = "float32") -> None:
+def check_finite(params: dict[str, np.ndarray], allow: bool = False) -> None:
+    """Refuse (or, with allow, warn about) tensors holding NaN or inf, naming the first bad tensor."""
+    bad = [name for name, a in params.items() if not np.isfinite(a).all()]
+    if bad and not allow:
+        raise ExportError(f"tensor {bad[0]!r} holds NaN or inf values ({len(bad)} tensor(s) in all); pass "
+                          f"--allow-nonfinite to export anyway")
+    for name in bad:
+        print(f"export: warning: tensor {name!r} holds NaN or inf values", file=sys.stderr)
+
+
+def export_state_dict(state_dict: dict[str, Any], config: Any, out: str, dtype: str = "float32",
+                      allow_nonfinite: bool = False) -> None:
     """A LlamaForCausalLM state dict + its config (HF LlamaConfig, dict or npllama LlamaConfig) -> `out`."""
     if not isinstance(config, LlamaConfig):
         config = LlamaConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
@@ -77,10 +107,11 @@ def export_state_dict(state_dict: dict[str, Any], config: Any, out: str, dtype: 
     extra = [k for k in state_dict if k not in expected and k not in ignorable and not k.endswith("inv_freq")]
     if extra:
         raise ExportError(f"state dict has tensor {extra[0]!r}, which is not part of this Llama config")
+    check_finite(params, allow_nonfinite)
     save_hf(config, params, out, dtype)
 
 
-def export_hf_dir(src: str, out: str, dtype: str = "float32") -> None:
+def export_hf_dir(src: str, out: str, dtype: str = "float32", allow_nonfinite: bool = False) -> None:
     """An HF model folder (safetensors or pytorch_model*.bin, sharded or not) -> `out`, tokenizer files copied."""
     config = LlamaConfig.from_json(os.path.join(src, "config.json"))
     files = sorted(glob.glob(os.path.join(src, "*.safetensors"))) or \
@@ -90,7 +121,7 @@ def export_hf_dir(src: str, out: str, dtype: str = "float32") -> None:
     sd: dict[str, Any] = {}
     for f in files:
         sd.update(_load_torch(f))
-    export_state_dict(sd, config, out, dtype)
+    export_state_dict(sd, config, out, dtype, allow_nonfinite)
     if os.path.abspath(src) != os.path.abspath(out):
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(src, name)):
@@ -168,7 +199,27 @@ def convert_meta(shards: list[dict[str, Any]], params: dict[str, Any], dtype: st
     return config, out
 
 
-def export_meta_dir(src: str, out: str, dtype: str = "float32", max_position_embeddings: int = 4096) -> None:
+def check_params(params: Any, path: str) -> None:
+    """Validate a Meta params.json before use: the sizes are positive ints, the floats finite and positive."""
+    if not isinstance(params, dict):
+        raise ExportError(f"{path}: expected a JSON object, got {type(params).__name__}")
+    for key, required in (("dim", True), ("n_heads", True), ("n_layers", True), ("n_kv_heads", False)):
+        v = params.get(key)
+        if v is None and not required:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ExportError(f"{path}: {key!r} must be a positive integer, got {v!r}")
+    for key in ("norm_eps", "rope_theta", "rope_scaling_factor"):
+        v = params.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0):
+            raise ExportError(f"{path}: {key!r} must be a finite number > 0, got {v!r}")
+    if params["dim"] % params["n_heads"] or params["n_heads"] % (params.get("n_kv_heads") or params["n_heads"]):
+        raise ExportError(f"{path}: n_heads must divide dim and n_kv_heads must divide n_heads "
+                          f"(dim {params['dim']}, n_heads {params['n_heads']}, n_kv_heads {params.get('n_kv_heads')})")
+
+
+def export_meta_dir(src: str, out: str, dtype: str = "float32", max_position_embeddings: int = 4096,
+                    allow_nonfinite: bool = False) -> None:
     """A Meta folder (consolidated.*.pth + params.json) -> `out` in HF layout."""
     shard_files = sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))
     if not shard_files:
@@ -176,10 +227,12 @@ def export_meta_dir(src: str, out: str, dtype: str = "float32", max_position_emb
     try:
         with open(os.path.join(src, "params.json"), encoding="utf-8") as f:
             params = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportError(f"{src}/params.json: cannot read ({e})") from None
+    check_params(params, os.path.join(src, "params.json"))
     shards = [_load_torch(f) for f in shard_files]
     config, hf = convert_meta(shards, params, dtype, max_position_embeddings)
+    check_finite(hf, allow_nonfinite)
     save_hf(config, hf, out, dtype)
     for name in ("tokenizer.model",):
         if os.path.isfile(os.path.join(src, name)):
@@ -187,22 +240,27 @@ def export_meta_dir(src: str, out: str, dtype: str = "float32", max_position_emb
 
 
 def export(src: str, out: str, config: str | None = None, dtype: str = "float32",
-           max_position_embeddings: int = 4096) -> str:
+           max_position_embeddings: int = 4096, allow_nonfinite: bool = False) -> str:
     """Detect what `src` is and export it; returns which kind it was."""
     if os.path.isdir(src):
         if os.path.exists(os.path.join(src, "params.json")):
-            export_meta_dir(src, out, dtype, max_position_embeddings)
+            export_meta_dir(src, out, dtype, max_position_embeddings, allow_nonfinite)
             return "meta"
         if os.path.exists(os.path.join(src, "config.json")):
-            export_hf_dir(src, out, dtype)
+            export_hf_dir(src, out, dtype, allow_nonfinite)
             return "hf"
         raise ExportError(f"{src}: neither an HF folder (config.json) nor a Meta folder (params.json)")
     if os.path.isfile(src):
         if config is None:
             raise ExportError(f"{src}: a state dict file needs --config config.json")
-        with open(config, encoding="utf-8") as f:
-            cfg = json.load(f)
-        export_state_dict(_load_torch(src), cfg, out, dtype)
+        try:
+            with open(config, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ExportError(f"{config}: not a JSON config ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ExportError(f"{config}: expected a JSON object, got {type(cfg).__name__}")
+        export_state_dict(_load_torch(src), cfg, out, dtype, allow_nonfinite)
         return "state dict"
     raise ExportError(f"{src}: no such file or directory")
 
@@ -216,12 +274,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(STORE_DTYPES), default="float32")
     ap.add_argument("--max-position-embeddings", type=int, default=4096, help="context length for a Meta checkpoint "
                     "(params.json does not say; default 4096)")
+    ap.add_argument("--allow-nonfinite", action="store_true", help="export tensors holding NaN/inf (with a warning)")
     args = ap.parse_args(argv)
+    if args.max_position_embeddings <= 0:
+        ap.error(f"--max-position-embeddings must be > 0, got {args.max_position_embeddings}")
     try:
-        kind = export(args.src, args.out, args.config, args.dtype, args.max_position_embeddings)
-    except (ExportError, OSError, ValueError, KeyError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 2
+        kind = export(args.src, args.out, args.config, args.dtype, args.max_position_embeddings, args.allow_nonfinite)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # the CLI's policy: NpllamaError or an OSError naming a file is a user mistake
+        if isinstance(e, NpllamaError) or (isinstance(e, OSError) and e.filename is not None):
+            print(f"export: error: {e}", file=sys.stderr)
+            return 2
+        print(f"export: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(f"exported {kind} checkpoint {args.src} -> {args.out} ({args.dtype})")
     return 0
 

@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from npllama.cli import UsageError
 from npllama.io.atomic import atomic_path
 from npllama.train.trainer import TrainConfig, Trainer, TrainingDiverged
 
@@ -73,16 +74,40 @@ def _settings(args: argparse.Namespace, base: dict[str, Any] | None = None) -> t
         d["min_lr"] = d["lr"] / 10                 # the floor follows the peak unless given
     if base is None and args.warmup is None:
         d["warmup"] = min(d["warmup"], d["steps"] // 10)   # a short run is not all warmup
-    return TrainConfig.from_dict(d), given
+    try:
+        return TrainConfig.from_dict(d), given
+    except ValueError as e:   # TrainConfig's checks name the setting; the user gave it as --flag
+        raise UsageError(f"{e} (--{str(e).split()[0].replace('_', '-')})") from None
+
+
+def _tokenizer_path(path: str) -> str:
+    """--tokenizer as a path: 'default' is the embedded model's GGUF (unless a file of that name exists)."""
+    if path == "default" and not os.path.exists(path):
+        from npllama.io.defaults import default_gguf
+        return default_gguf()
+    return path
 
 
 def _load_tokenizer(path: str) -> Any:
-    try:
-        from npllama.tokenizer import Tokenizer
-    except ImportError as e:
-        raise SystemExit(f"error: text data needs npllama's tokenizer, which is not available ({e}); "
-                         f"pass a token file as --data instead") from None
-    return Tokenizer.from_pretrained(path)
+    from npllama.tokenizer import Tokenizer
+    return Tokenizer.from_pretrained(_tokenizer_path(path))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tokenizer.gguf")
+
+
+def _copy_tokenizer(src: str, final: str) -> None:
+    """Put the tokenizer beside the trained weights, so that `final` is a complete model folder."""
+    src = _tokenizer_path(src)
+    if os.path.isdir(src):
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy(os.path.join(src, name), os.path.join(final, name))
+    elif src.endswith(".gguf"):   # a tokenizer.gguf or a whole model's GGUF: its vocabulary only
+        from npllama.io.gguf import write_tokenizer_gguf
+        write_tokenizer_gguf(src, os.path.join(final, "tokenizer.gguf"))
+    elif os.path.basename(src) in TOKENIZER_FILES:
+        shutil.copy(src, os.path.join(final, os.path.basename(src)))
 
 
 def _tokens(args: argparse.Namespace, vocab_size: int) -> Any:
@@ -99,20 +124,20 @@ def _tokens(args: argparse.Namespace, vocab_size: int) -> Any:
             print(f"data: reusing {out} ({len(tf):,} tokens)", flush=True)
         else:
             if not tok_path:
-                raise SystemExit("error: text --data needs --tokenizer (or a --model dir with a tokenizer)")
+                raise UsageError("text --data needs --tokenizer (or a --model dir with a tokenizer)")
             tok = _load_tokenizer(tok_path)
             print(f"data: tokenizing {len(files)} file(s) with {tok_path} ...", flush=True)
             tf = build_token_file(files, tok, out)
             print(f"data: {len(tf):,} tokens -> {out} ({tf.dtype.name})", flush=True)
     if tf.vocab_size > vocab_size:
-        raise SystemExit(f"error: {tf.path} was made with a vocabulary of {tf.vocab_size} ids, "
+        raise UsageError(f"{tf.path} was made with a vocabulary of {tf.vocab_size} ids, "
                          f"the model has only {vocab_size}")
     tf.check_ids(vocab_size)
     return tf
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `train` with parsed arguments; returns the exit code (0 done, 1 diverged, 2 bad input)."""
+    """Run `train` with parsed arguments; returns the exit code (0 done, 1 diverged); user mistakes raise."""
     from npllama.train.outdir import claim_output
     with claim_output(args.out):      # one trainer per --out; a second one fails here, naming the folder
         return _run(args)
@@ -121,74 +146,64 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from npllama.config import LlamaConfig
     from npllama.model import Llama
-    from npllama.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-    try:
-        saved = None
-        if args.resume:
-            path = latest_checkpoint(os.path.join(args.out, "checkpoints")) if args.resume == "latest" else args.resume
-            if path is None:
-                print(f"error: --resume: no checkpoint under {os.path.join(args.out, 'checkpoints')}", file=sys.stderr)
-                return 2
-            saved = load_checkpoint(path)["state"]          # verifies completeness before anything else runs
-            run_meta = saved.get("run", {})
-            dtype = args.dtype or saved.get("dtype", "float32")
-            model = Llama.from_pretrained(path, dtype=dtype, backend=args.backend)
-            if not args.data:
-                args.data = run_meta.get("data")
-            args.tokenizer = args.tokenizer or run_meta.get("tokenizer")
-            args.model = args.model or run_meta.get("model")
-            cfg, changed = _settings(args, saved["train_config"])
-            if changed:
-                print("note: resuming with changed settings (no longer bit-exact): " + ", ".join(changed))
-        else:
-            if bool(args.config) == bool(args.model):
-                print("error: give exactly one of --config (train from scratch) or --model (fine-tune), "
-                      "or --resume", file=sys.stderr)
-                return 2
-            cfg, _ = _settings(args)
-            dtype = args.dtype or "float32"
-            if args.config:
-                model = Llama.init(LlamaConfig.from_json(args.config), seed=cfg.seed, dtype=dtype, backend=args.backend)
-            else:
-                model = Llama.from_pretrained(args.model, dtype=dtype, backend=args.backend)
+    from npllama.train.checkpoint import latest_checkpoint, load_checkpoint
+    # user mistakes raise NpllamaError, which npllama.cli.main reports in one line with exit code 2
+    saved = None
+    if args.resume:
+        path = latest_checkpoint(os.path.join(args.out, "checkpoints")) if args.resume == "latest" else args.resume
+        if path is None:
+            raise UsageError(f"--resume: no checkpoint under {os.path.join(args.out, 'checkpoints')}")
+        saved = load_checkpoint(path)["state"]          # verifies completeness before anything else runs
+        run_meta = saved.get("run", {})
+        dtype = args.dtype or saved.get("dtype", "float32")
+        model = Llama.from_pretrained(path, dtype=dtype, backend=args.backend)
         if not args.data:
-            print("error: --data is required", file=sys.stderr)
-            return 2
-        tf = _tokens(args, model.config.vocab_size)
-        train, val = tf.split(args.val_fraction)
-        print(f"model: {model}; train {len(train):,} tokens, validation {len(val):,}", flush=True)
-        run_meta = {"data": [os.path.abspath(d) for d in args.data], "tokenizer": args.tokenizer, "model": args.model}
-        trainer = Trainer(model, train, val, cfg, args.out, extra_state={"run": run_meta})
-        if args.resume:
-            trainer.resume(path)
-            print(f"resumed from {path} at step {trainer.step}", flush=True)
-        with atomic_path(os.path.join(args.out, "train_config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"train": asdict(cfg), "dtype": model.dtype.name, "backend": model.backend, **run_meta}, f, indent=1)
-        try:
-            trainer.fit()
-        except TrainingDiverged as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        final = os.path.join(args.out, "final")
-        model.save_pretrained(final)
-        tok_src = args.tokenizer or args.model
-        if tok_src:
-            for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-                src = os.path.join(tok_src, name) if os.path.isdir(tok_src) else tok_src
-                if os.path.basename(src) == name and os.path.isfile(src):
-                    shutil.copy(src, os.path.join(final, name))
-        print(f"saved the trained model to {final}")
-        return 0
-    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            args.data = run_meta.get("data")
+        args.tokenizer = args.tokenizer or run_meta.get("tokenizer")
+        args.model = args.model or run_meta.get("model")
+        cfg, changed = _settings(args, saved["train_config"])
+        if changed:
+            print("npllama: note: resuming with changed settings (no longer bit-exact): " + ", ".join(changed))
+    else:
+        if bool(args.config) == bool(args.model):
+            raise UsageError("give exactly one of --config (train from scratch) or --model (fine-tune), "
+                             "or --resume")
+        cfg, _ = _settings(args)
+        dtype = args.dtype or "float32"
+        if args.config:
+            model = Llama.init(LlamaConfig.from_json(args.config), seed=cfg.seed, dtype=dtype, backend=args.backend)
+        else:
+            model = Llama.from_pretrained(args.model, dtype=dtype, backend=args.backend)
+    if not args.data:
+        raise UsageError("--data is required")
+    tf = _tokens(args, model.config.vocab_size)
+    train, val = tf.split(args.val_fraction)
+    print(f"model: {model}; train {len(train):,} tokens, validation {len(val):,}", flush=True)
+    run_meta = {"data": [os.path.abspath(d) for d in args.data], "tokenizer": args.tokenizer, "model": args.model}
+    trainer = Trainer(model, train, val, cfg, args.out, extra_state={"run": run_meta})
+    if args.resume:
+        trainer.resume(path)
+        print(f"resumed from {path} at step {trainer.step}", flush=True)
+    with atomic_path(os.path.join(args.out, "train_config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"train": asdict(cfg), "dtype": model.dtype.name, "backend": model.backend, **run_meta}, f, indent=1)
+    try:
+        trainer.fit()
+    except TrainingDiverged as e:
+        print(f"npllama: error: {e}", file=sys.stderr)
+        return 1
+    final = os.path.join(args.out, "final")
+    model.save_pretrained(final)
+    tok_src = args.tokenizer or args.model
+    if tok_src:
+        _copy_tokenizer(tok_src, final)
+    print(f"saved the trained model to {final}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: python -m npllama.train.cli ..."""
-    p = argparse.ArgumentParser(prog="npllama train", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    """Stand-alone entry: python -m npllama.train.cli ... (the same as `npllama train ...`)."""
+    from npllama.cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from npllama.backend import get_array_module, to_host
+from npllama.backend import get_array_module, to_device
 
 Params = dict[str, Any]
 
@@ -25,9 +25,6 @@ def _lerp_(a: Any, b: Any, w: float) -> None:
 
 class Optimizer:
     """Base class: a dict of parameter arrays, per-parameter state, state_dict round trips."""
-
-    #: names of the per-parameter buffers this optimizer keeps (in state_dict order)
-    buffers: tuple[str, ...] = ()
 
     def __init__(self, params: Params, lr: float) -> None:
         if not isinstance(params, dict):
@@ -83,15 +80,12 @@ class Optimizer:
                 if tuple(val.shape) != tuple(p.shape):
                     raise ValueError(f"optimizer state {key!r} of {name!r} has shape {tuple(val.shape)}, "
                                      f"parameter has {tuple(p.shape)}")
-                arr = xp.asarray(to_host(val) if xp.__name__ == "numpy" else val, dtype=p.dtype)
-                new[key] = arr.copy()
+                new[key] = to_device(val, xp, p.dtype).copy()
             self.state[name] = new
 
 
 class AdamW(Optimizer):
     """torch.optim.AdamW: Adam with decoupled weight decay (p *= 1 - lr*wd), bias correction, optional AMSGrad."""
-
-    buffers = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False) -> None:
@@ -159,8 +153,6 @@ class AdamW(Optimizer):
 
 class SGD(Optimizer):
     """torch.optim.SGD: optional momentum (with dampening or Nesterov) and L2 weight decay added to the gradient."""
-
-    buffers = ("momentum_buffer",)
 
     def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False) -> None:
