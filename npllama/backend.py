@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from npllama.errors import NpllamaError
+from npllama.errors import InputError, NpllamaError
 
 BACKENDS = ("numpy", "cupy")
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -37,7 +37,7 @@ def get_backend(name: str) -> ModuleType:
         except Exception as e:  # CUDA driver missing or no device
             raise BackendError(f"backend='cupy': CuPy is installed but no usable GPU was found ({e})") from None
         return cupy
-    raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    raise InputError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
 
 def get_array_module(*arrays: Any) -> ModuleType:
@@ -58,7 +58,7 @@ def resolve_dtype(dtype: Any) -> np.dtype:
     """Accept 'float32' / 'float64' / a numpy dtype; refuse anything else by name."""
     key = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if key not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}: npllama computes in float32 or float64")
+        raise InputError(f"unsupported dtype {dtype!r}: npllama computes in float32 or float64")
     return np.dtype(DTYPES[key])
 
 

@@ -8,3 +8,11 @@ from __future__ import annotations
 
 class NpllamaError(Exception):
     """A mistake in what npllama was given; the message names the file, tensor, key or flag."""
+
+
+class InputError(NpllamaError, ValueError):
+    """Arrays or arguments handed to the model that it cannot take (ids, targets, a mask, a KV cache too small)."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An array of the wrong kind (float token ids, say)."""

@@ -13,6 +13,7 @@ import numpy as np
 from npllama import transformer
 from npllama.backend import backend_name, get_backend, int_range, is_cupy, resolve_dtype, tf32, to_host
 from npllama.config import LlamaConfig
+from npllama.errors import InputError, InputTypeError
 from npllama.fast import storage
 from npllama.fast.ops import FastOps
 from npllama.hostmem import keep_freed_memory
@@ -83,13 +84,13 @@ class Llama:
         expected = param_shapes(self.config)
         missing = [k for k in expected if k not in params]
         if missing:
-            raise KeyError(f"missing parameter {missing[0]!r}")
+            raise InputError(f"missing parameter {missing[0]!r}")
         unexpected = [k for k in params if k not in expected]
         if unexpected:
-            raise KeyError(f"unexpected parameter {unexpected[0]!r} for this config")
+            raise InputError(f"unexpected parameter {unexpected[0]!r} for this config")
         for k, shape in expected.items():
             if tuple(params[k].shape) != shape:
-                raise ValueError(f"parameter {k!r} has shape {list(params[k].shape)}, expected {list(shape)}")
+                raise InputError(f"parameter {k!r} has shape {list(params[k].shape)}, expected {list(shape)}")
         for k, dst in self.params.items():
             src = params.pop(k) if consume else params[k]
             if self.xp is np:
@@ -216,14 +217,14 @@ class Llama:
         # host ids are checked on the host, before the copy: no GPU round trip per decoding step
         ids = ids if is_cupy(ids) else np.asarray(ids)
         if ids.ndim != 2:
-            raise ValueError(f"ids must be a 2-D (batch, seq) integer array, got shape {tuple(ids.shape)}")
+            raise InputError(f"ids must be a 2-D (batch, seq) integer array, got shape {tuple(ids.shape)}")
         if ids.dtype.kind not in "iu":
-            raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+            raise InputTypeError(f"ids must be integers, got dtype {ids.dtype}")
         if ids.size:
             lo, hi = int_range(ids)
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}")
+                raise InputError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}")
         return self.xp.asarray(ids)
 
     @_tf32_scope
@@ -244,13 +245,13 @@ class Llama:
         B, T = shape
         if cache is not None:
             if start_pos + T > cache.max_len:
-                raise ValueError(f"sequence of {start_pos + T} tokens does not fit the KV cache ({cache.max_len})")
+                raise InputError(f"sequence of {start_pos + T} tokens does not fit the KV cache ({cache.max_len})")
             if B > cache.batch_size:
-                raise ValueError(f"batch of {B} does not fit the KV cache (batch_size={cache.batch_size})")
+                raise InputError(f"batch of {B} does not fit the KV cache (batch_size={cache.batch_size})")
         if attn_mask is not None:
             attn_mask = self.xp.asarray(attn_mask, dtype=bool)
             if attn_mask.shape != (B, start_pos + T):
-                raise ValueError(f"attn_mask must have shape {(B, start_pos + T)}, got {tuple(attn_mask.shape)}")
+                raise InputError(f"attn_mask must have shape {(B, start_pos + T)}, got {tuple(attn_mask.shape)}")
         cos, sin = self._rope_tables(T, start_pos, positions)
         return Context(cos, sin, cache, start_pos, attn_mask)
 
@@ -299,9 +300,9 @@ class Llama:
     def _check_targets(self, ids: Any, targets: Any) -> Any:
         targets = self.xp.asarray(targets)
         if tuple(targets.shape) != tuple(np.shape(ids)):
-            raise ValueError(f"targets shape {tuple(targets.shape)} does not match ids shape {tuple(np.shape(ids))}")
+            raise InputError(f"targets shape {tuple(targets.shape)} does not match ids shape {tuple(np.shape(ids))}")
         if targets.dtype.kind not in "iu":
-            raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
+            raise InputTypeError(f"targets must be integers, got dtype {targets.dtype}")
         return targets
 
     # ---------------------------------------------------------------- generation

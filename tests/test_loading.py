@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import npllama
+from npllama.errors import NpllamaError
 from conftest import hf_model
 from npllama.config import ConfigError, LlamaConfig
 from npllama.io.safetensors import WeightsError
@@ -126,16 +127,20 @@ def test_transformers_reads_our_config_back(tmp_path):
 
 
 def test_bad_arguments_are_named(export):
-    with pytest.raises(ValueError, match="unsupported dtype 'float16'"):
+    with pytest.raises(NpllamaError, match="unsupported dtype 'float16'"):
         npllama.Llama.from_pretrained(export, dtype="float16")
-    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+    with pytest.raises(NpllamaError, match="unknown backend 'tpu'"):
         npllama.Llama.from_pretrained(export, backend="tpu")
     model = npllama.Llama.from_pretrained(export)
-    with pytest.raises(ValueError, match="token id 97 is out of range"):
+    with pytest.raises(NpllamaError, match="token id 97 is out of range"):
         model.forward(np.array([[1, 97]]))
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(NpllamaError, match="2-D"):
         model.forward(np.array([1, 2]))
-    with pytest.raises(ValueError, match="does not fit the KV cache"):
+    with pytest.raises(NpllamaError, match="ids must be integers"):
+        model.forward(np.array([[1.0, 2.0]]))
+    with pytest.raises(NpllamaError, match="targets shape"):
+        model.loss_and_grads(np.array([[1, 2]]), np.array([[1]]))
+    with pytest.raises(NpllamaError, match="does not fit the KV cache"):
         model.forward(np.array([[1, 2, 3]]), cache=model.new_cache(1, 2))
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from npllama import transformer
 from npllama.backend import is_cupy, to_host
+from npllama.errors import InputError
 from npllama.fast import cuda
 from npllama.fast.cuda import BLOCK_REDUCE
 from npllama.kvcache import KVCache
@@ -302,9 +303,9 @@ class GraphDecoder:
         self.graph = on_gpu if graph is None else bool(graph)
         self.kernels = on_gpu if kernels is None else bool(kernels)
         if (self.graph or self.kernels) and not on_gpu:
-            raise ValueError("CUDA graphs and decode kernels need backend='cupy'")
+            raise InputError("CUDA graphs and decode kernels need backend='cupy'")
         if self.graph and not self.kernels:
-            raise ValueError("a CUDA graph cannot capture cuBLAS: graph=True needs kernels=True")
+            raise InputError("a CUDA graph cannot capture cuBLAS: graph=True needs kernels=True")
         self.model = model
         self.config = model.config
         self.cache: KVCache | None = None
@@ -341,11 +342,11 @@ class GraphDecoder:
             raise RuntimeError("call new_cache(batch_size, max_len) first")
         tok = np.asarray(to_host(tok)).reshape(-1)
         if tok.shape[0] != self.cache.batch_size:
-            raise ValueError(f"{tok.shape[0]} token ids for a cache of batch {self.cache.batch_size}")
+            raise InputError(f"{tok.shape[0]} token ids for a cache of batch {self.cache.batch_size}")
         if tok.size and (tok.min() < 0 or tok.max() >= self.config.vocab_size):
-            raise ValueError(f"token id out of range for vocab_size={self.config.vocab_size}")
+            raise InputError(f"token id out of range for vocab_size={self.config.vocab_size}")
         if not 0 <= pos < self.cache.max_len:
-            raise ValueError(f"position {pos} does not fit the KV cache ({self.cache.max_len})")
+            raise InputError(f"position {pos} does not fit the KV cache ({self.cache.max_len})")
         self.step.set_input(tok, pos)
         if not self.graph:
             return self.step()

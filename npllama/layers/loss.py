@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from npllama.backend import get_array_module
+from npllama.errors import InputError
 
 
 class LossCache(NamedTuple):
@@ -19,7 +20,7 @@ def check_targets(targets: Any, V: int, ignore_index: int) -> Any:
     tgt = xp.where(targets != ignore_index, targets, 0)
     if bool(((tgt < 0) | (tgt >= V)).any()):
         bad = int(tgt[(tgt < 0) | (tgt >= V)][0])
-        raise ValueError(f"target id {bad} is out of range for a vocabulary of {V} (and is not ignore_index={ignore_index})")
+        raise InputError(f"target id {bad} is out of range for a vocabulary of {V} (and is not ignore_index={ignore_index})")
     return tgt
 
 
