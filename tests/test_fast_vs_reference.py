@@ -15,6 +15,7 @@ from npllama.fast import rmsnorm as fast_rmsnorm, rope as fast_rope
 from npllama.fast.linear import backward_split
 from npllama.fast.storage import STACKED
 from npllama.layers import attention, linear, loss, mlp, rmsnorm, rope
+from test_layers_fd import stack
 
 TOL = 1e-12
 rng = np.random.default_rng(0)
@@ -35,19 +36,6 @@ def grads_close(ga, gb):
         close(ga[k], gb[k])
 
 
-def stacked(p, names, stacked_name):
-    """p with the named projections as row blocks of one matrix (the fast storage layout)."""
-    p = dict(p)
-    for kind in ("weight", "bias"):
-        if f"{names[0]}.{kind}" in p:
-            W = np.concatenate([p[f"{n}.{kind}"] for n in names])
-            p[f"{stacked_name}.{kind}"] = W
-            bounds = np.cumsum([0] + [p[f"{n}.{kind}"].shape[0] for n in names])
-            for n, a, b in zip(names, bounds[:-1], bounds[1:]):
-                p[f"{n}.{kind}"] = W[a:b]
-    return p
-
-
 @pytest.mark.parametrize("scaling", ROPES)
 @pytest.mark.parametrize("block", [64, 5])                  # T = 13: one block, or three with a partial last
 @pytest.mark.parametrize("is_stacked", [False, True])
@@ -65,7 +53,7 @@ def test_attention(H, KV, hd, bias, is_stacked, block, scaling, monkeypatch):
         for n, k in (("q_proj", H), ("k_proj", KV), ("v_proj", KV)):
             p[n + ".bias"] = rng.standard_normal(k * hd)
         p["o_proj.bias"] = rng.standard_normal(D)
-    pf = stacked(p, ("q_proj", "k_proj", "v_proj"), "qkv_proj") if is_stacked else p
+    pf = stack(dict(p), "qkv_proj", ("q_proj", "k_proj", "v_proj")) if is_stacked else p
     x, dy = rng.standard_normal((B, T, D)), rng.standard_normal((B, T, D))
     y_ref, c_ref = attention.forward(x, p, cos, sin, H, KV, hd)
     y_fast, c_fast = fast_attention.forward(x, pf, cos, sin, H, KV, hd)
@@ -110,7 +98,7 @@ def test_mlp(is_stacked, bias):
     if bias:
         p.update({"gate_proj.bias": rng.standard_normal(I), "up_proj.bias": rng.standard_normal(I),
                   "down_proj.bias": rng.standard_normal(D)})
-    pf = stacked(p, ("gate_proj", "up_proj"), "gate_up_proj") if is_stacked else p
+    pf = stack(dict(p), "gate_up_proj", ("gate_proj", "up_proj")) if is_stacked else p
     x, dy = rng.standard_normal((2, 5, D)), rng.standard_normal((2, 5, D))
     y_ref, c_ref = mlp.forward(x, p)
     y_fast, c_fast = fast_mlp.forward(x, pf)
