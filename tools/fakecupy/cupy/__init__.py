@@ -553,7 +553,7 @@ _FUNCTIONS = {
     **{n: _function(n) for n in (
         "arange", "concatenate", "stack", "where", "zeros", "ones", "full", "all", "allclose", "array_equal",
         "argmax", "argsort", "bincount", "cumsum", "diff", "flatnonzero", "mean", "partition", "prod", "roll",
-        "searchsorted", "shape", "take_along_axis", "put_along_axis")},
+        "repeat", "searchsorted", "shape", "take_along_axis", "put_along_axis")},
     **{n: _function(n, replay=False) for n in ("empty",)},
     "vdot": _function("vdot", cublas=True),
     # a prototype's shape and dtype are metadata: CuPy reads them from a host array too
