@@ -18,7 +18,7 @@ from npllama.fast import storage
 from npllama.fast.ops import FastOps
 from npllama.hostmem import keep_freed_memory
 from npllama.kvcache import KVCache
-from npllama.layers import rope
+from npllama.layers import lora, rope
 from npllama.transformer import Context, LayerWeights, ReferenceOps, Weights
 
 
@@ -118,10 +118,17 @@ class Llama:
             self._stacks: list = []
         else:
             self.params, self._stacks = storage.allocate(shapes, config.num_hidden_layers, self.dtype, self.xp)
-        # per layer and part: (short name, full name) pairs, so each forward picks a layer's weights by lookup
+        self.trainable: set[str] = set(self.params)   # the names loss_and_grads returns gradients for
+        self.lora: Any = None                  # npllama.lora.LoraConfig once an adapter is added or loaded
+        self._lora_draws = 0                   # dropout masks drawn so far (each loss_and_grads draws anew)
+        self._index_layers()
+
+    def _index_layers(self) -> None:
+        """Per layer and part, the (short name, full name) pairs of its params: each forward picks a layer's
+        weights by lookup. Called again when params gain or lose entries (npllama.lora)."""
         self._layer_keys = [{part: [(k[len(pre + part):], k) for k in self.params if k.startswith(pre + part)]
                              for part in ("self_attn.", "mlp.")}
-                            for pre in (f"model.layers.{i}." for i in range(config.num_hidden_layers))]
+                            for pre in (f"model.layers.{i}." for i in range(self.config.num_hidden_layers))]
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -177,6 +184,9 @@ class Llama:
         (other files already in the folder, a tokenizer say, are kept)."""
         from npllama.io.atomic import atomic_dir
         from npllama.io.safetensors import save_file
+        if self.lora is not None:
+            raise InputError("the model carries a LoRA adapter: npllama.lora.save(model, dir) writes the adapter, "
+                             "npllama.lora.merge(model) folds it in so that save_pretrained writes a plain model")
         with atomic_dir(os.fspath(path), existing="merge") as tmp:
             save_file(self.params, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             self.config.save(os.path.join(tmp, "config.json"))
@@ -255,21 +265,44 @@ class Llama:
         cos, sin = self._rope_tables(T, start_pos, positions)
         return Context(cos, sin, cache, start_pos, attn_mask)
 
-    def layer(self, i: int) -> LayerWeights:
-        """Layer i's weights by role; on the fast path with the stacked q/k/v and gate/up matrices."""
+    def layer(self, i: int, settings: lora.Settings | None = None) -> LayerWeights:
+        """Layer i's weights by role; on the fast path with the stacked q/k/v and gate/up matrices.
+
+        A part's dict also holds, where they apply, the LoRA settings ('lora') and the short names of its
+        frozen weights ('frozen')."""
         p = self.params
         pre = f"model.layers.{i}."
-        parts = [{short: p[full] for short, full in self._layer_keys[i][part]} for part in ("self_attn.", "mlp.")]
-        if self._stacks:
-            parts = [storage.with_stacked(w, self._stacks[i][part]) for w, part in zip(parts, ("self_attn", "mlp"))]
+        parts = []
+        for part, stack in (("self_attn.", "self_attn"), ("mlp.", "mlp")):
+            w = {short: p[full] for short, full in self._layer_keys[i][part]}
+            if len(self.trainable) != len(self.params):   # something is frozen: name it for the backward
+                frozen = frozenset(short for short, full in self._layer_keys[i][part] if full not in self.trainable)
+                if frozen:
+                    w["frozen"] = frozen
+            if any(".lora_A." in short for short in w):
+                # an adapted projection adds its own update: it runs on its own, not inside a stacked product
+                w["lora"] = settings if settings is not None else self._lora_settings(train=False)
+            elif self._stacks:
+                w = storage.with_stacked(w, self._stacks[i][stack])
+            parts.append(w)
         return LayerWeights(p[pre + "input_layernorm.weight"], parts[0], p[pre + "post_attention_layernorm.weight"],
                             parts[1])
 
-    def weights(self) -> Weights:
-        """Every weight the forward reads, by role (what npllama.transformer takes)."""
+    def weights(self, train: bool = False) -> Weights:
+        """Every weight the forward reads, by role (what npllama.transformer takes). train: LoRA dropout on."""
         p = self.params
-        return Weights(p["model.embed_tokens.weight"], [self.layer(i) for i in range(self.config.num_hidden_layers)],
-                       p["model.norm.weight"], self.lm_head)
+        settings = self._lora_settings(train) if self.lora is not None else None
+        return Weights(p["model.embed_tokens.weight"],
+                       [self.layer(i, settings) for i in range(self.config.num_hidden_layers)],
+                       p["model.norm.weight"], self.lm_head, frozenset(p) - self.trainable)
+
+    def _lora_settings(self, train: bool) -> lora.Settings:
+        c = self.lora
+        rng = None
+        if train and c.dropout > 0:     # a fresh, reproducible draw per training call
+            rng = np.random.default_rng([c.seed, self._lora_draws])
+            self._lora_draws += 1
+        return lora.Settings(c.scale, c.dropout, rng)
 
     @property
     def lm_head(self) -> Any:
@@ -278,17 +311,23 @@ class Llama:
 
     @_tf32_scope
     def loss_and_grads(self, ids: Any, targets: Any, ignore_index: int = -100) -> tuple[float, dict[str, Any]]:
-        """Mean cross-entropy of `targets` (already the next tokens; ignore_index skipped) and every gradient."""
+        """Mean cross-entropy of `targets` (already the next tokens; ignore_index skipped) and the gradient of
+        every trainable parameter (`model.trainable`; LoRA dropout, if any, is applied here only)."""
         targets = self._check_targets(ids, targets)
         ids = self._check_ids(ids)
-        logits, cache = transformer.forward(self.ops, self.weights(), ids, self._context(ids.shape, None, 0, None, None),
-                                            keep=True)
+        unknown = sorted(self.trainable - set(self.params))
+        if unknown:
+            raise InputError(f"model.trainable names {unknown[0]!r}, which is not a parameter")
+        if not self.trainable:
+            raise InputError("model.trainable is empty: nothing would get a gradient")
+        logits, cache = transformer.forward(self.ops, self.weights(train=True), ids,
+                                            self._context(ids.shape, None, 0, None, None), keep=True)
         B, T, V = logits.shape
         loss, lcache = self.ops.loss(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)
         del logits                                             # the loss keeps what its backward needs
         dlogits = self.ops.loss_backward(1.0, lcache).reshape(B, T, V)
         grads = transformer.backward(self.ops, dlogits, cache, self.config.tie_word_embeddings)
-        return loss, {k: grads[k] for k in self.params}       # same order as params
+        return loss, {k: grads[k] for k in self.params if k in self.trainable}   # same order as params
 
     def loss(self, ids: Any, targets: Any, ignore_index: int = -100) -> float:
         """Mean cross-entropy only (no backward)."""

@@ -27,6 +27,7 @@ class Weights(NamedTuple):
     layers: list
     norm: Any
     lm_head: Any       # = embed_tokens when the embeddings are tied
+    frozen: frozenset = frozenset()   # HF names of the weights that learn nothing (no gradient is computed)
 
 
 class Context(NamedTuple):
@@ -50,6 +51,7 @@ class Cache(NamedTuple):
     layers: list       # one BlockCache per layer
     norm: Any
     lm_head: Any
+    frozen: frozenset  # Weights.frozen
 
 
 class ReferenceOps:
@@ -85,8 +87,8 @@ class ReferenceOps:
     def mlp_backward(self, dy: Any, cache: Any) -> tuple[Any, dict]:
         return mlp.backward(dy, cache)
 
-    def linear(self, x: Any, W: Any) -> tuple[Any, Any]:
-        return linear.forward(x, W)
+    def linear(self, x: Any, W: Any, frozen: bool = False) -> tuple[Any, Any]:
+        return linear.forward(x, W, frozen=frozen)
 
     def linear_backward(self, dy: Any, cache: Any) -> tuple[Any, Any, Any]:
         return linear.backward(dy, cache)
@@ -134,22 +136,26 @@ def forward(ops: Any, w: Weights, ids: Any, ctx: Context, keep: bool = False,
     if last_only:
         x = x[:, -1:]
     h, cn = ops.rmsnorm(x, w.norm)
-    logits, cl = ops.linear(h, w.lm_head)                                     # (B, T, V)
-    return logits, (Cache(ce, blocks, cn, cl) if keep else None)
+    head = "model.embed_tokens.weight" if w.lm_head is w.embed_tokens else "lm_head.weight"
+    logits, cl = ops.linear(h, w.lm_head, frozen=head in w.frozen)           # (B, T, V)
+    return logits, (Cache(ce, blocks, cn, cl, w.frozen) if keep else None)
 
 
 def backward(ops: Any, dlogits: Any, cache: Cache, tied: bool) -> dict[str, Any]:
-    """Gradients of every weight from dlogits (B, T, V), keyed by Hugging Face names: the forward in reverse."""
+    """Gradients of every weight from dlogits (B, T, V), keyed by Hugging Face names: the forward in reverse.
+
+    Frozen weights (cache.frozen) get none; the products that would only serve them are skipped."""
     grads: dict[str, Any] = {}
-    dh, dW_head, _ = ops.linear_backward(dlogits, cache.lm_head)
+    dh, dW_head, _ = ops.linear_backward(dlogits, cache.lm_head)             # dW_head None when frozen
     dx, grads["model.norm.weight"] = ops.rmsnorm_backward(dh, cache.norm)
     for i in reversed(range(len(cache.layers))):
         dx, g = block_backward(ops, dx, cache.layers[i])
         grads.update({f"model.layers.{i}.{k}": v for k, v in g.items()})
-    dW_emb = ops.embedding_backward(dx, cache.embed_tokens)
-    if tied:
-        dW_emb += dW_head                                     # one matrix, two uses: the gradients add
-    else:
+    if "model.embed_tokens.weight" not in cache.frozen:
+        dW_emb = ops.embedding_backward(dx, cache.embed_tokens)
+        if tied:
+            dW_emb += dW_head                                 # one matrix, two uses: the gradients add
+        grads["model.embed_tokens.weight"] = dW_emb
+    if not tied and dW_head is not None:
         grads["lm_head.weight"] = dW_head
-    grads["model.embed_tokens.weight"] = dW_emb
-    return grads
+    return {k: v for k, v in grads.items() if k not in cache.frozen}

@@ -121,6 +121,32 @@ def test_twenty_adamw_steps_match_numpy(dtype):
     assert_all_close(gpu.params, ref.params, 1e-10 if dtype == "float64" else 1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_with_dropout_matches_numpy(dtype, tmp_path):
+    # the dropout masks are drawn on the host from the adapter's seed: the same on both backends
+    from npllama import lora
+    ref, gpu = models("gqa-llama3", dtype)
+    for m in (ref, gpu):
+        lora.add(m, r=4, alpha=8, targets=["q_proj", "v_proj", "o_proj", "up_proj"], dropout=0.2, seed=3)
+        for k in lora.lora_params(m):
+            if ".lora_B." in k:
+                m.params[k][...] = m.xp.asarray(np.random.default_rng(1).standard_normal(m.params[k].shape) * 0.1)
+    assert all(isinstance(p, cupy.ndarray) for p in lora.lora_params(gpu).values())
+    ids, targets = batch()
+    assert err(gpu.forward(ids), ref.forward(ids)) <= TOL[dtype]
+    for _ in range(2):                                   # two calls: two fresh (and equal) dropout draws
+        (loss_r, g_r), (loss_g, g_g) = ref.loss_and_grads(ids, targets), gpu.loss_and_grads(ids, targets)
+        assert abs(loss_g - loss_r) <= TOL[dtype] * abs(loss_r)
+        assert set(g_g) == gpu.trainable
+        assert_all_close(g_g, g_r, TOL[dtype])
+    with pytest.raises(npllama.NpllamaError, match="merge"):
+        GraphDecoder(gpu)                                # the decode kernels read base weights only
+    lora.save(gpu, tmp_path / "adapter")
+    lora.merge(gpu)
+    lora.merge(ref)
+    assert err(gpu.forward(ids), ref.forward(ids)) <= TOL[dtype]
+
+
 # ---------------------------------------------------------------- fused kernels vs the plain code
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_rmsnorm(dtype):

@@ -17,14 +17,14 @@ from typing import Any, NamedTuple
 from npllama.backend import fused_kernels, get_array_module
 from npllama.fast import rope
 from npllama.fast.linear import backward_split
-from npllama.layers import linear
+from npllama.layers import linear, projection
 
 BLOCK = 64   # queries per block of the attention (see _blocks); any value gives the same result for real tokens
 
 
 class FastAttentionCache(NamedTuple):
     inputs: tuple     # the LinearCache of the stacked q/k/v product, or one per projection
-    o_proj: linear.LinearCache
+    o_proj: Any
     cos: Any          # rotary tables
     sin: Any
     qg: Any           # rotated queries, a KV head's G query heads as rows (t, g): (B, KV, T G, hd)
@@ -51,14 +51,15 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
     B, T, _ = x.shape
     H, KV, hd, G = n_heads, n_kv, head_dim, n_heads // n_kv
     if "qkv_proj.weight" in p:
-        qkv, cqkv = linear.forward(x, p["qkv_proj.weight"], p.get("qkv_proj.bias"))   # (B, T, (H + 2 KV) hd)
+        frozen = all(projection.is_frozen(p, n) for n in ("q_proj", "k_proj", "v_proj"))
+        qkv, cqkv = linear.forward(x, p["qkv_proj.weight"], p.get("qkv_proj.bias"), frozen)  # (B, T, (H + 2 KV) hd)
         qk = rope.apply(qkv[..., :(H + KV) * hd].reshape(B, T, H + KV, hd), cos, sin, fused)  # one rotation
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[..., (H + KV) * hd:]
         cin: tuple = (cqkv,)
     else:
-        q, cq = linear.forward(x, p["q_proj.weight"], p.get("q_proj.bias"))
-        k, ck = linear.forward(x, p["k_proj.weight"], p.get("k_proj.bias"))
-        v, cv = linear.forward(x, p["v_proj.weight"], p.get("v_proj.bias"))
+        q, cq = projection.forward(x, p, "q_proj")
+        k, ck = projection.forward(x, p, "k_proj")
+        v, cv = projection.forward(x, p, "v_proj")
         q = rope.apply(q.reshape(B, T, H, hd), cos, sin, fused)
         k = rope.apply(k.reshape(B, T, KV, hd), cos, sin, fused)
         cin = (cq, ck, cv)
@@ -83,7 +84,7 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
         out[:, :, rows] = P @ v[:, :, :S1]
         Ps.append(P)
     out = out.reshape(B, KV, T, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, T, H * hd)
-    y, co = linear.forward(out, p["o_proj.weight"], p.get("o_proj.bias"))
+    y, co = projection.forward(out, p, "o_proj")
     return y, FastAttentionCache(cin, co, cos, sin, qg, k, v, Ps, H, start_pos)
 
 
@@ -126,9 +127,7 @@ def backward(dy: Any, cache: FastAttentionCache, fused: bool = False) -> tuple[A
     T = TG // G
     xp = get_array_module(dy)
     grads: dict[str, Any] = {}
-    dout, grads["o_proj.weight"], db = linear.backward(dy, co)
-    if db is not None:
-        grads["o_proj.bias"] = db
+    dout = projection.backward(dy, co, "o_proj", grads)
     dout = dout.reshape(B, T, KV, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, KV, T * G, hd)   # rows (t, g)
 
     dqg = xp.empty_like(qg)

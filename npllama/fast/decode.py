@@ -192,7 +192,7 @@ class CudaOps:
             y += b
         return y
 
-    def linear(self, x: Any, W: Any) -> tuple[Any, None]:
+    def linear(self, x: Any, W: Any, frozen: bool = False) -> tuple[Any, None]:
         B = x.shape[0]
         return self.gemv(x.reshape(B, -1), W).reshape(B, 1, -1), None
 
@@ -306,6 +306,9 @@ class GraphDecoder:
             raise InputError("CUDA graphs and decode kernels need backend='cupy'")
         if self.graph and not self.kernels:
             raise InputError("a CUDA graph cannot capture cuBLAS: graph=True needs kernels=True")
+        if self.kernels and getattr(model, "lora", None) is not None:
+            # the kernels read each projection's base weight only; folding the adapter in keeps them exact
+            raise InputError("the CUDA decode kernels do not apply a LoRA adapter: npllama.lora.merge(model) first")
         self.model = model
         self.config = model.config
         self.cache: KVCache | None = None

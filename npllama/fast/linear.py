@@ -4,18 +4,21 @@ from __future__ import annotations
 from typing import Any
 
 from npllama.backend import get_array_module
-from npllama.layers import linear
+from npllama.layers import linear, projection
 
 
 def backward_split(names: tuple[str, ...], dys: tuple[Any, ...], caches: tuple, grads: dict[str, Any]) -> Any:
     """Backward of projections of one input, done as one stacked linear (one cache) or one each.
 
     dys: each projection's output gradient. Adds '<name>.weight' (and '.bias') to grads; returns dx.
-    With one stacked cache the gradients are row blocks of one stacked dW (views, not copies).
+    With one stacked cache the gradients are row blocks of one stacked dW (views, not copies), and none
+    when the stack is frozen. One cache per projection may each carry a LoRA (npllama.layers.projection).
     """
     if len(caches) == 1:
         xp = get_array_module(dys[0])
         dx, dW, db = linear.backward(xp.concatenate(dys, axis=-1), caches[0])
+        if dW is None:
+            return dx
         bounds = [0]
         for d in dys:
             bounds.append(bounds[-1] + d.shape[-1])
@@ -26,9 +29,7 @@ def backward_split(names: tuple[str, ...], dys: tuple[Any, ...], caches: tuple, 
         return dx
     dx = None
     for name, d, c in zip(names, dys, caches):
-        dxi, grads[f"{name}.weight"], db = linear.backward(d, c)
-        if db is not None:
-            grads[f"{name}.bias"] = db
+        dxi = projection.backward(d, c, name, grads)
         dx = dxi if dx is None else dx + dxi
     return dx
 

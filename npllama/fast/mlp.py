@@ -6,12 +6,12 @@ from typing import Any, NamedTuple
 
 from npllama.backend import fused_kernels, get_array_module
 from npllama.fast.linear import backward_split
-from npllama.layers import linear
+from npllama.layers import linear, projection
 
 
 class FastMLPCache(NamedTuple):
     inputs: tuple     # the LinearCache of the stacked gate/up product, or one per projection
-    down_proj: linear.LinearCache
+    down_proj: Any
     g: Any            # gate(x) (B, T, I)
     s: Any            # sigmoid(g)
     u: Any            # up(x)
@@ -25,13 +25,14 @@ def forward(x: Any, p: dict[str, Any], fused: bool = False) -> tuple[Any, FastML
     """
     xp = get_array_module(x)
     if "gate_up_proj.weight" in p:
-        gu, cgu = linear.forward(x, p["gate_up_proj.weight"], p.get("gate_up_proj.bias"))   # (B, T, 2 I)
+        frozen = projection.is_frozen(p, "gate_proj") and projection.is_frozen(p, "up_proj")
+        gu, cgu = linear.forward(x, p["gate_up_proj.weight"], p.get("gate_up_proj.bias"), frozen)   # (B, T, 2 I)
         I = gu.shape[-1] // 2
         g, u = gu[..., :I], gu[..., I:]
         cin: tuple = (cgu,)
     else:
-        g, cg = linear.forward(x, p["gate_proj.weight"], p.get("gate_proj.bias"))   # (B, T, I)
-        u, cu = linear.forward(x, p["up_proj.weight"], p.get("up_proj.bias"))       # (B, T, I)
+        g, cg = projection.forward(x, p, "gate_proj")   # (B, T, I)
+        u, cu = projection.forward(x, p, "up_proj")     # (B, T, I)
         cin = (cg, cu)
     if k := fused_kernels(x, fused):
         s, a, h = k.swiglu_forward(g, u)
@@ -39,7 +40,7 @@ def forward(x: Any, p: dict[str, Any], fused: bool = False) -> tuple[Any, FastML
         s = 1.0 / (1.0 + xp.exp(-g))                                             # sigmoid(g)
         a = g * s                                                                # silu(g)
         h = a * u
-    y, cd = linear.forward(h, p["down_proj.weight"], p.get("down_proj.bias"))
+    y, cd = projection.forward(h, p, "down_proj")
     return y, FastMLPCache(cin, cd, g, s, u, a)
 
 
@@ -47,9 +48,7 @@ def backward(dy: Any, cache: FastMLPCache, fused: bool = False) -> tuple[Any, di
     """= layers.mlp.backward: -> dx (B, T, D), grads keyed like p."""
     cin, cd, g, s, u, a = cache
     grads: dict[str, Any] = {}
-    dh, grads["down_proj.weight"], db = linear.backward(dy, cd)
-    if db is not None:
-        grads["down_proj.bias"] = db
+    dh = projection.backward(dy, cd, "down_proj", grads)
     if k := fused_kernels(dh, fused):
         dg, du = k.swiglu_backward(dh, g, s, u, a)
     else:

@@ -14,14 +14,14 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from npllama.backend import get_array_module
-from npllama.layers import linear, rope
+from npllama.layers import projection, rope
 
 
 class AttentionCache(NamedTuple):
-    q_proj: linear.LinearCache
-    k_proj: linear.LinearCache
-    v_proj: linear.LinearCache
-    o_proj: linear.LinearCache
+    q_proj: Any       # each projection's cache (npllama.layers.projection)
+    k_proj: Any
+    v_proj: Any
+    o_proj: Any
     cos: Any          # rotary tables (T, 1, hd/2) or (B, T, 1, hd/2)
     sin: Any
     q: Any            # rotated queries (B, H, T, hd)
@@ -63,9 +63,9 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
     xp = get_array_module(x)
     B, T, _ = x.shape
     H, KV, hd = n_heads, n_kv, head_dim
-    q, cq = linear.forward(x, p["q_proj.weight"], p.get("q_proj.bias"))      # (B, T, H hd)
-    k, ck = linear.forward(x, p["k_proj.weight"], p.get("k_proj.bias"))      # (B, T, KV hd)
-    v, cv = linear.forward(x, p["v_proj.weight"], p.get("v_proj.bias"))      # (B, T, KV hd)
+    q, cq = projection.forward(x, p, "q_proj")      # (B, T, H hd)
+    k, ck = projection.forward(x, p, "k_proj")      # (B, T, KV hd)
+    v, cv = projection.forward(x, p, "v_proj")      # (B, T, KV hd)
     q = rope.apply(q.reshape(B, T, H, hd), cos, sin).transpose(0, 2, 1, 3)   # (B, H, T, hd)
     k = rope.apply(k.reshape(B, T, KV, hd), cos, sin).transpose(0, 2, 1, 3)  # (B, KV, T, hd)
     v = v.reshape(B, T, KV, hd).transpose(0, 2, 1, 3)                        # (B, KV, T, hd)
@@ -82,7 +82,7 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
     scores = xp.where(causal_mask(T, S, start_pos, key_mask, xp), scores, xp.finfo(scores.dtype).min)
     P = softmax(scores)
     out = (P @ v).transpose(0, 2, 1, 3).reshape(B, T, H * hd)                # (B, T, H hd)
-    y, co = linear.forward(out, p["o_proj.weight"], p.get("o_proj.bias"))
+    y, co = projection.forward(out, p, "o_proj")
     return y, AttentionCache(cq, ck, cv, co, cos, sin, q, k, v, P, KV)
 
 
@@ -99,9 +99,7 @@ def backward(dy: Any, cache: AttentionCache) -> tuple[Any, dict[str, Any]]:
     B, H, T, hd = c.q.shape
     G = H // c.n_kv
     grads: dict[str, Any] = {}
-    dout, grads["o_proj.weight"], db = linear.backward(dy, c.o_proj)
-    if db is not None:
-        grads["o_proj.bias"] = db
+    dout = projection.backward(dy, c.o_proj, "o_proj", grads)
     dout = dout.reshape(B, T, H, hd).transpose(0, 2, 1, 3)                   # (B, H, T, hd)
     dv = c.P.transpose(0, 1, 3, 2) @ dout                                    # (B, H, S, hd)
     dP = dout @ c.v.transpose(0, 1, 3, 2)                                    # (B, H, T, S)
@@ -115,8 +113,5 @@ def backward(dy: Any, cache: AttentionCache) -> tuple[Any, dict[str, Any]]:
     dv = dv.transpose(0, 2, 1, 3).reshape(B, T, -1)
     dx = 0
     for name, d, lc in (("q_proj", dq, c.q_proj), ("k_proj", dk, c.k_proj), ("v_proj", dv, c.v_proj)):
-        dxi, grads[f"{name}.weight"], db = linear.backward(d, lc)
-        if db is not None:
-            grads[f"{name}.bias"] = db
-        dx = dx + dxi
+        dx = dx + projection.backward(d, lc, name, grads)
     return dx, grads
