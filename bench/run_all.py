@@ -1,7 +1,7 @@
 """Run every CPU benchmark and write one combined report (what `python run.py bench` calls).
 
     python bench/run_all.py                      # everything, default sizes
-    python bench/run_all.py smollm2 train        # some workloads: smollm2, train, tokenizer
+    python bench/run_all.py smollm2 train        # some workloads: smollm2, train, finetune, tokenizer
     python bench/run_all.py --quick              # fewer repetitions (a rough look, minutes not tens)
     python bench/run_all.py --out DIR            # where the .json / .md files go (default bench/results)
 
@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-WORKLOADS = ("smollm2", "train", "tokenizer")
+WORKLOADS = ("smollm2", "train", "finetune", "tokenizer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         args = extra + (["--steps", "2"] if a.quick else [])
         data["train"] = bench_train_step.main(args)
         sections.append(open(os.path.join(out, "train_step.md")).read())
+    if "finetune" in todo:
+        import bench_finetune
+        args = extra + (["--steps", "2"] if a.quick else [])
+        data["finetune"] = bench_finetune.main(args)
+        sections.append(open(os.path.join(out, "finetune.md")).read())
     if "tokenizer" in todo:
         script = os.path.join(C.ROOT, "bench", "bench_tokenizer.py")
         env = dict(os.environ, PYTHONPATH=C.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -73,6 +73,28 @@ def test_train_step_machinery_on_a_tiny_model(bench_env):
     assert (bench_env / "out" / "train_step.md").exists()
 
 
+def test_finetune_machinery_on_a_tiny_model(bench_env):
+    import bench_finetune
+    from npllama import Llama
+    from npllama.config import LlamaConfig
+    hf = bench_env / "tiny"
+    Llama.init(LlamaConfig.from_dict(TINY), seed=0).save_pretrained(str(hf))
+    d = bench_finetune.main(["--hf-dir", str(hf), "--batch", "2", "--seq", "8", "--steps", "1", "--r", "2",
+                             "--no-retry", "--out", str(bench_env / "out")])
+    s = d["summary"]
+    for k in ("lora npllama", "lora npllama-noskip", "full npllama") + (("lora peft", "full torch") if HAVE_TORCH else ()):
+        assert "error" not in s[k], (k, s[k])
+        assert s[k]["tok_s"] > 0
+    # same weights, same batch, a fresh adapter (B = 0): every side's first loss is the base model's
+    assert abs(s["lora npllama"]["first_loss"] - s["full npllama"]["first_loss"]) < 1e-5
+    assert s["lora npllama"]["trainable"] == 2 * ((2 * 32 + 32 * 2) + (2 * 32 + 16 * 2))   # 2 layers x (q + v)
+    if HAVE_TORCH:
+        assert s["lora peft"]["trainable"] == s["lora npllama"]["trainable"]
+        assert abs(s["lora peft"]["first_loss"] - s["lora npllama"]["first_loss"]) < 1e-4
+        assert abs(s["full torch"]["first_loss"] - s["full npllama"]["first_loss"]) < 1e-4
+    assert (bench_env / "out" / "finetune.md").exists()
+
+
 def test_run_py_bench_runs_run_all(bench_env):
     """`run.py bench tokenizer --out DIR` is run_all's tokenizer workload: its report lands in DIR/all.md."""
     from npllama import cli
