@@ -1,0 +1,79 @@
+"""The course in docs/ stays true: every page's Python blocks run, in order, in one namespace (docs/course.py),
+so a failing assertion on a page fails here; quoted code equals the real source; the README example runs."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "docs"))
+import course  # noqa: E402  (docs/course.py: the one runner for every page)
+import fd  # noqa: E402
+
+PAGES = course.pages()
+
+
+def test_the_course_has_its_pages():
+    names = [os.path.basename(p) for p in PAGES]
+    assert names[0] == "tutorial.md" and len(names) >= 13
+    index = open(os.path.join(REPO, "docs", "README.md"), encoding="utf-8").read()
+    for name in names:                   # the index links every page, in reading order
+        assert f"({name})" in index, f"docs/README.md does not link {name}"
+    assert [n for n in re.findall(r"\((\d\d-[\w-]+\.md)\)", index)] == names[1:]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[os.path.basename(p) for p in PAGES])
+def test_page_runs(page):
+    assert len(course.python_blocks(page)) >= 3
+    from npllama.io.defaults import DefaultModelMissing
+    try:
+        course.run_page(page)
+    except DefaultModelMissing as e:     # pages 01 and the tokenizer read the embedded SmolLM2
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[os.path.basename(p) for p in PAGES])
+def test_quoted_code_is_the_real_code(page):
+    for dotted, text in course.quotes(page):
+        module, func = dotted.rsplit(".", 1)
+        src = inspect.getsource(getattr(importlib.import_module(module), func))
+        assert text == src, f"{os.path.basename(page)} quotes {dotted}, which has changed: paste it again"
+
+
+def test_a_wrong_gradient_fails_the_check(capsys):
+    # RMSNorm's backward without the term from rstd depending on x: the classic mistake must not pass
+    from npllama.layers import rmsnorm
+    rng = np.random.default_rng(0)
+    x, w, dy = rng.standard_normal((3, 8)), rng.standard_normal(8), rng.standard_normal((3, 8))
+    y, cache = rmsnorm.forward(x, w, 1e-5)
+    wrong = cache.rstd * (dy * w)
+    numerical = fd.numerical_grad(lambda: float((rmsnorm.forward(x, w, 1e-5)[0] * dy).sum()), x)
+    with pytest.raises(AssertionError, match="analytic gradient is off"):
+        fd.check("rmsnorm dx (wrong)", wrong, numerical)
+    fd.check("rmsnorm dx", rmsnorm.backward(dy, cache)[0], numerical)       # and the right one passes
+    with pytest.raises(AssertionError, match="off by"):                     # a 1e-5 slip is caught too
+        fd.check("rmsnorm dx (slightly off)", rmsnorm.backward(dy, cache)[0] * (1 + 1e-5), numerical)
+
+
+def test_a_failing_page_fails(tmp_path):
+    page = tmp_path / "99-broken.md"
+    page.write_text("```python\nx = 1\n```\n\n```python quote=a.b\nnot run\n```\n\n```python\nassert x == 2\n```\n")
+    assert course.python_blocks(str(page)) == ["x = 1\n", "assert x == 2\n"]
+    with pytest.raises(AssertionError):
+        course.run_page(str(page))
+
+
+def test_readme_python_example_runs():
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    section = text.split("## Use it from Python", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    ns: dict = {}
+    exec(compile(block, "README.md (Use it from Python)", "exec"), ns)
+    assert len(ns["new_ids"]) == 16 and set(ns["grads"]) == set(ns["model"].params)
