@@ -49,6 +49,6 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
 def check(name: str, analytic: np.ndarray, numerical: np.ndarray, tol: float = TOL) -> float:
     """Print and assert rel_error(analytic, numerical) <= tol; returns the error."""
     err = rel_error(analytic, numerical)
-    print(f"{name:<28} relative error {err:.1e}")
+    print(f"{name:<36} relative error {err:.1e}")
     assert err <= tol, f"{name}: analytic gradient is off by {err:.2e} relative (tolerance {tol:.0e})"
     return err
