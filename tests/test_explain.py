@@ -158,6 +158,13 @@ def one_line_error(p, *words):
         assert w in err, (w, err)
 
 
+def test_cli_help_lists_explain():
+    top = subprocess.run([sys.executable, RUN, "--help"], capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0 and "explain" in top.stdout
+    p = run("--help")
+    assert p.returncode == 0 and "--out" in p.stdout and "--png" in p.stdout and "--adapter" in p.stdout
+
+
 def test_cli_refuses_a_long_prompt_naming_count_and_limit(tiny, tmp_path):
     p = run(" word" * 70, "--model", tiny, "--out", str(tmp_path / "p.html"))
     one_line_error(p, "70 tokens", "at most 64")
