@@ -242,7 +242,8 @@ for (let l = 0; l < L; l++) {
     const id = cell.ids[0], p = cell.probs[0];
     const td = el("td", {text: label(piece(id)), data: {id: String(id)},
       title: "layer " + l + ", after " + JSON.stringify(D.tokens[t]) + ": " +
-             cell.ids.map((j, k) => JSON.stringify(piece(j)) + " " + (100 * cell.probs[k]).toFixed(1) + "%").join(", ")},
+             cell.ids.map((j, k) => JSON.stringify(piece(j)) + " " + (100 * cell.probs[k]).toFixed(1) + "%")
+                     .join(", ")},
       tr);
     td.style.background = "rgba(59,111,196," + (0.08 + 0.6 * p).toFixed(3) + ")";
     if (t + 1 < T && id === D.ids[t + 1]) td.classList.add("hit");

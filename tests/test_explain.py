@@ -57,7 +57,7 @@ def test_attention_matches_transformers(result, hf_out):
     att, ref = np.asarray(result["attention"]), np.stack(hf_out[0])        # (L, H, T, T)
     assert att.shape == ref.shape == (30, 9, 19, 19)
     err = np.abs(att - ref).max()
-    assert err <= 1e-4, err
+    assert err <= 2e-5, err          # float32 through 30 layers; measured 3e-6
 
 
 def test_attention_rows_sum_to_one_and_see_no_future(result):
@@ -150,6 +150,15 @@ def run(*args):
     return subprocess.run([sys.executable, RUN, "explain", *args], capture_output=True, text=True, timeout=600)
 
 
+class Ran:
+    """What an in-process run of the CLI gave: returncode, stdout, stderr."""
+
+    def __init__(self, capsys, *args):
+        from npllama import cli
+        self.returncode = cli.main(["explain", *args])
+        self.stdout, self.stderr = capsys.readouterr()
+
+
 def one_line_error(p, *words):
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
     err = p.stderr.strip()
@@ -165,34 +174,37 @@ def test_cli_help_lists_explain():
     assert p.returncode == 0 and "--out" in p.stdout and "--png" in p.stdout and "--adapter" in p.stdout
 
 
-def test_cli_refuses_a_long_prompt_naming_count_and_limit(tiny, tmp_path):
-    p = run(" word" * 70, "--model", tiny, "--out", str(tmp_path / "p.html"))
+def test_cli_refuses_a_long_prompt_naming_count_and_limit(tiny, tmp_path, capsys):
+    p = Ran(capsys, " word" * 70, "--model", tiny, "--out", str(tmp_path / "p.html"))
     one_line_error(p, "70 tokens", "at most 64")
     assert not os.listdir(tmp_path)
 
 
-def test_cli_bad_outputs_and_flags(tiny, tmp_path):
-    one_line_error(run("hi", "--model", tiny, "--out", str(tmp_path / "no" / "p.html")), "--out", "does not exist")
-    one_line_error(run("hi", "--model", tiny, "--png", str(tmp_path / "no" / "p.png")), "--png", "does not exist")
-    one_line_error(run("hi", "--model", tiny, "--out", str(tmp_path)), "is a directory")
-    one_line_error(run("hi", "--model", tiny), "--out")
-    one_line_error(run("hi", "--model", tiny, "--out", str(tmp_path / "p.html"), "--layer", "1"), "--png")
-    one_line_error(run("hi", "--model", tiny, "--png", str(tmp_path / "p.png"), "--layer", "2"), "--layer 2", "0..1")
-    one_line_error(run("hi", "--model", tiny, "--png", str(tmp_path / "p.png"), "--head", "x"), "--head")
-    one_line_error(run("hi", "--model", tiny, "--png", str(tmp_path / "p.png"), "--head", "4"), "--head 4", "0..3")
-    one_line_error(run("  ", "--model", tiny, "--out", str(tmp_path / "p.html")), "empty")
+def test_cli_bad_outputs_and_flags(tiny, tmp_path, capsys):
+    def hi(*args):
+        return Ran(capsys, "hi", "--model", tiny, *args)
+    html_, png = str(tmp_path / "p.html"), str(tmp_path / "p.png")
+    one_line_error(hi("--out", str(tmp_path / "no" / "p.html")), "--out", "does not exist")
+    one_line_error(hi("--png", str(tmp_path / "no" / "p.png")), "--png", "does not exist")
+    one_line_error(hi("--out", str(tmp_path)), "is a directory")
+    one_line_error(hi(), "--out")
+    one_line_error(hi("--out", html_, "--layer", "1"), "--png")
+    one_line_error(hi("--png", png, "--layer", "2"), "--layer 2", "0..1")
+    one_line_error(hi("--png", png, "--head", "x"), "--head")
+    one_line_error(hi("--png", png, "--head", "4"), "--head 4", "0..3")
+    one_line_error(Ran(capsys, "  ", "--model", tiny, "--out", html_), "empty")
     assert not os.listdir(tmp_path)
 
 
-def test_cli_bad_adapter(tiny, tmp_path):
+def test_cli_bad_adapter(tiny, tmp_path, capsys):
     out = str(tmp_path / "p.html")
-    one_line_error(run("hi", "--model", tiny, "--out", out, "--adapter", str(tmp_path / "none")),
+    one_line_error(Ran(capsys, "hi", "--model", tiny, "--out", out, "--adapter", str(tmp_path / "none")),
                    "--adapter", "no such directory")
     empty = tmp_path / "empty"
     empty.mkdir()
-    one_line_error(run("hi", "--model", tiny, "--out", out, "--adapter", str(empty)), "adapter_config.json")
+    one_line_error(Ran(capsys, "hi", "--model", tiny, "--out", out, "--adapter", str(empty)), "adapter_config.json")
     (empty / "adapter_config.json").write_text("{not json")
-    one_line_error(run("hi", "--model", tiny, "--out", out, "--adapter", str(empty)), "adapter_config.json")
+    one_line_error(Ran(capsys, "hi", "--model", tiny, "--out", out, "--adapter", str(empty)), "adapter_config.json")
     assert not os.path.exists(out)
 
 
