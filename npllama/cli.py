@@ -1,4 +1,4 @@
-"""The command line: generate | chat | eval | convert | train | bench (thin: parses, calls the package).
+"""The command line: generate | chat | eval | convert | train | bench | explain (thin: parses, calls the package).
 
 `python run.py` with no arguments answers a default prompt with the embedded default model
 (SmolLM2-135M-Instruct) and prints load time, time to first token and tokens/s.
@@ -22,7 +22,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # the install requirements, with what to install when one is missing
 _REQUIRED = {"numpy": "numpy", "safetensors": "safetensors", "regex": "regex", "gguf": "gguf"}
-SUBCOMMANDS = ("generate", "chat", "eval", "convert", "train", "bench")
+SUBCOMMANDS = ("generate", "chat", "eval", "convert", "train", "bench", "explain")
 
 
 class UsageError(NpllamaError):
@@ -345,6 +345,97 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- explain
+def _check_adapter_dir(path: str) -> None:
+    """--adapter names a folder (its files are checked when it is loaded)."""
+    if not os.path.isdir(path):
+        raise UsageError(f"--adapter {path}: {'not a directory' if os.path.exists(path) else 'no such directory'} "
+                         f"(expected a PEFT adapter folder: adapter_config.json + adapter_model.safetensors)")
+
+
+def _apply_adapter(model: Any, path: str) -> Any:
+    """Load the PEFT adapter folder `path` (--adapter) into the model and merge it in: a plain Llama again."""
+    from npllama import lora
+    _check_adapter_dir(path)
+    lora.load(model, path)
+    lora.merge(model)
+    return model
+
+
+def _check_out_file(flag: str, path: str) -> None:
+    """A file the command will write: its folder must exist, and it must not be a folder itself."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory (expected a file name)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Look inside the model for one prompt: tokens, every attention map, the logit lens, the next token.
+
+    --out writes one self-contained HTML page (nothing fetched); --png an attention map as a picture."""
+    from npllama.explain import MAX_TOKENS, explain
+    _paths(args, check_only=True)
+    if not args.out and not args.png:
+        raise UsageError("nothing to write: give --out PAGE.html and/or --png FILE.png")
+    if not args.png and (args.layer is not None or args.head is not None):
+        raise UsageError("--layer and --head choose the map that --png draws: give --png FILE.png too")
+    for flag, path in (("--out", args.out), ("--png", args.png)):
+        if path:
+            _check_out_file(flag, path)
+    if args.adapter is not None:
+        _check_adapter_dir(args.adapter)             # before the model is loaded
+    if args.prompt.strip() == "":
+        raise UsageError("the prompt is empty")
+    model, tok, load_s = _load(args)
+    if args.adapter is not None:
+        _apply_adapter(model, args.adapter)
+    c = model.config
+    layer = c.num_hidden_layers - 1 if args.layer is None else args.layer
+    if not 0 <= layer < c.num_hidden_layers:
+        raise UsageError(f"--layer {layer}: the model has layers 0..{c.num_hidden_layers - 1}")
+    head = 0 if args.head is None else None if args.head == "all" else _head(args.head, c.num_attention_heads)
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = tok.encode(args.prompt, bos=bool(getattr(tok, "add_bos", False)))
+    t0 = time.perf_counter()
+    result = explain(model, tok, ids, max_tokens=MAX_TOKENS)
+    result["prompt"] = args.prompt
+    took = time.perf_counter() - t0
+    from npllama.io.defaults import GGUF_NAME
+    name = os.path.basename(os.path.normpath(args.model)) if args.model else GGUF_NAME[:-len(".gguf")]
+    if args.adapter:
+        name += f" + {os.path.basename(os.path.normpath(args.adapter))}"
+    greedy = result["pieces"][str(result["next"]["ids"][0])]
+    print(f"{len(ids)} tokens; next token {greedy!r} ({result['next']['probs'][0]:.1%}); explained in {took:.1f} s "
+          f"(model loaded in {load_s:.1f} s)", file=sys.stderr)
+    if args.out:
+        from npllama.explain_html import render
+        from npllama.io.atomic import atomic_path
+        page = render(result, name).encode("utf-8")
+        with atomic_path(args.out, suffix=".html") as tmp:
+            with open(tmp, "wb") as f:
+                f.write(page)
+        print(f"wrote {args.out} ({len(page) / 1e6:.2f} MB)")
+    if args.png:
+        from npllama.explain_png import save_png
+        save_png(result, args.png, layer, head)
+        print(f"wrote {args.png} (layer {layer}, {'all heads' if head is None else f'head {head}'})")
+    return 0
+
+
+def _head(text: str, n: int) -> int:
+    try:
+        h = int(text)
+    except ValueError:
+        raise UsageError(f"--head {text!r}: expected a head number or 'all'") from None
+    if not 0 <= h < n:
+        raise UsageError(f"--head {h}: the model has heads 0..{n - 1}")
+    return h
+
+
 # ---------------------------------------------------------------- train / bench
 def cmd_train(args: argparse.Namespace) -> int:
     """Delegates to npllama.train.cli."""
@@ -381,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     ap = _Parser(prog="npllama", description="LLaMA in NumPy/CuPy. With no arguments: answer a default prompt "
                  "with the embedded SmolLM2-135M-Instruct and print load time, first-token time and tokens/s.")
-    sub = ap.add_subparsers(dest="command", metavar="{generate,chat,eval,convert,train,bench}", parser_class=_Parser)
+    sub = ap.add_subparsers(dest="command", metavar="{generate,chat,eval,convert,train,bench,explain}",
+                            parser_class=_Parser)
 
     g = sub.add_parser("generate", help="continue a prompt", description=cmd_generate.__doc__)
     g.add_argument("text", nargs="?", help="the prompt (or use --prompt, or pipe it on stdin)")
@@ -428,6 +520,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", metavar="DIR", help="where the reports go (default bench/results)")
     b.add_argument("--no-retry", action="store_true", help="do not rerun a side disturbed by other processes")
     b.set_defaults(func=cmd_bench)
+
+    x = sub.add_parser("explain", help="look inside the model for one prompt (HTML page, PNG)",
+                       description=cmd_explain.__doc__)
+    x.add_argument("prompt", help="the prompt text (at most 64 tokens)")
+    x.add_argument("--out", metavar="PAGE.html", help="write the explain page (one self-contained HTML file)")
+    x.add_argument("--png", metavar="FILE.png", help="write one attention map as a PNG (needs matplotlib)")
+    x.add_argument("--layer", type=_number(int, 0), default=None, help="the layer --png draws (default: the last)")
+    x.add_argument("--head", default=None, help="the head --png draws, or 'all' for a grid (default 0)")
+    x.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    x.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter folder, merged into the model first")
+    x.add_argument("--model", metavar="PATH", help="model: an HF dir (config.json + *.safetensors) or a .gguf "
+                   "file (default: the embedded SmolLM2-135M-Instruct)")
+    x.add_argument("--tokenizer", metavar="PATH", help="tokenizer file or dir (default: the model's)")
+    x.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array backend (default numpy)")
+    x.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute dtype (default float32)")
+    x.set_defaults(func=cmd_explain)
     return ap
 
 
