@@ -3,6 +3,7 @@ loss equals the conversations' own, and a seeded batcher that resumes exactly.""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -160,3 +161,80 @@ def test_eval_batches_are_fixed():
     assert [x.shape[0] for x, _ in a] == [2, 2, 1]
     assert all(np.array_equal(p[0], q[0]) and np.array_equal(p[1], q[1]) for p, q in zip(a, b))
     assert len(list(ev.batches(2, 1))) == 1
+
+
+# ---------------------------------------------------------------- the trainer on SFT batches
+def _tiny(dtype="float64", seed=1):
+    return npllama.Llama.init(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=53,
+                                          max_position_embeddings=32), seed=seed, std=0.3, dtype=dtype)
+
+
+def _cfg(**kw):
+    from npllama.train import TrainConfig
+    d = dict(steps=6, batch_size=2, seq_len=16, lr=1e-2, warmup=1, eval_every=0, save_every=3, log_every=0, seed=4)
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+def test_accumulated_sft_step_is_the_mean_over_all_labelled_targets(tmp_path):
+    """accum micro-batches weigh by their labelled targets: the step's gradient is that of one batch of them all."""
+    from npllama.train import Trainer
+    ex = _examples(6, seed=2)
+    model = _tiny()
+    t = Trainer(model, SFTBatcher(ex, 2, seed=1), None, _cfg(accum=3, clip=0), str(tmp_path), log=open(os.devnull, "w"))
+    order = [int(i) for i in SFTBatcher(ex, 2, seed=1)._order[:6]]   # the first epoch: the step's 3 x 2 rows
+    seen = {}
+    t.opt.step = lambda G: seen.update(G)
+    rec = t.train_step()
+    x, y = pad_batch([ex[i] for i in order])
+    loss, grads = model.loss_and_grads(x, y)
+    assert abs(rec["loss"] - loss) <= 1e-12 * loss
+    for k in grads:
+        np.testing.assert_allclose(seen[k], grads[k], rtol=0, atol=1e-12 * np.abs(grads[k]).max())
+
+
+def test_lora_run_checkpoints_the_adapter_only_and_resumes_exactly(tmp_path):
+    """With dropout (the masks' draw count is in the checkpoint) a run stopped at step 3 and resumed on a fresh
+    model ends bit-identical to one that never stopped; the checkpoint and the optimizer hold only LoRA matrices."""
+    from npllama import lora
+    from npllama.train import Trainer, load_checkpoint
+    ex, null = _examples(9, seed=3), open(os.devnull, "w")
+
+    def run(out, stop=None):
+        m = _tiny(dtype="float32")
+        lora.add(m, r=2, alpha=4, targets=["q_proj", "v_proj", "down_proj"], dropout=0.2, seed=7)
+        t = Trainer(m, SFTBatcher(ex[:7], 2, seed=1), SFTEval(ex[7:]), _cfg(eval_every=2), out, log=null)
+        return m, t
+
+    straight, t = run(str(tmp_path / "a"))
+    t.fit()
+    first, t1 = run(str(tmp_path / "b"))
+    t1.fit(stop_at=3)
+    again, t2 = run(str(tmp_path / "b"))
+    t2.resume()
+    assert t2.step == 3 and again._lora_draws == 3
+    t2.fit()
+    for k in lora.lora_params(straight):
+        assert np.array_equal(straight.params[k], again.params[k]), k
+    assert straight.params["model.layers.0.self_attn.q_proj.lora_B.weight"].any()     # it did train
+    ck = load_checkpoint(str(tmp_path / "b" / "checkpoints"))
+    assert set(ck["params"]) == straight.trainable == set(ck["optimizer"]["state"])
+    assert ck["state"]["lora"]["r"] == 2 and ck["state"]["lora_draws"] == 6
+    assert [h["val_loss"] for h in t.history if "val_loss" in h] == \
+        [h["val_loss"] for h in t2.history if "val_loss" in h]
+
+
+def test_resume_refuses_an_adapter_with_other_settings(tmp_path):
+    from npllama import lora
+    from npllama.train import CheckpointError, Trainer
+    ex, null = _examples(5), open(os.devnull, "w")
+    m = _tiny()
+    lora.add(m, r=2, targets=["q_proj"])
+    Trainer(m, SFTBatcher(ex, 2), None, _cfg(steps=1), str(tmp_path), log=null).fit()
+    other = _tiny()
+    lora.add(other, r=3, targets=["q_proj"])
+    with pytest.raises(CheckpointError, match="r = 2"):
+        Trainer(other, SFTBatcher(ex, 2), None, _cfg(steps=1), str(tmp_path), log=null).resume()
+    with pytest.raises(CheckpointError, match="has none"):
+        Trainer(_tiny(), SFTBatcher(ex, 2), None, _cfg(steps=1), str(tmp_path), log=null).resume()
