@@ -2,6 +2,7 @@
 Ctrl-C, PEFT reading the adapter it writes, --full, --adapter on generate/eval, and every bad input in one line."""
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -113,7 +114,7 @@ def test_peft_reads_the_adapter_and_gives_the_same_logits(lora_run, tiny):
     assert np.abs(model.forward(ids) - ref).max() <= 1e-4
 
 
-def test_generate_and_eval_with_the_adapter(lora_run, tiny, tmp_path, capsys):
+def test_generate_chat_and_eval_with_the_adapter(lora_run, tiny, tmp_path, capsys, monkeypatch):
     final = os.path.join(lora_run[0], "final")
     model = Llama.from_pretrained(tiny, dtype="float32")
     lora.load(model, final)
@@ -125,6 +126,9 @@ def test_generate_and_eval_with_the_adapter(lora_run, tiny, tmp_path, capsys):
     assert main(["generate", "--model", tiny, "--adapter", final, "--chat", "--prompt", prompt,
                  "--max-new-tokens", "6", "--quiet"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == want
+    monkeypatch.setattr("sys.stdin", io.StringIO(prompt + "\n"))
+    assert main(["chat", "--model", tiny, "--adapter", final, "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == f"> {prompt}\n{want}\n"
     text = tmp_path / "t.txt"
     text.write_text("The answer is 42. The answer is 17. " * 3)
     got = {}
@@ -146,6 +150,14 @@ def test_full_finetune_writes_a_loadable_model(tiny, data, tmp_path, capsys):
     assert any(not np.array_equal(new.params[k], old.params[k]) for k in old.params)
     capsys.readouterr()
     assert main(["generate", "--model", final, "--prompt", "Hi", "--max-new-tokens", "3", "--quiet"]) == 0
+
+
+def test_help_lists_finetune(capsys):
+    assert main(["--help"]) == 0
+    assert "finetune" in capsys.readouterr().out
+    assert main(["finetune", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--lora-targets" in out and "--full" in out and "--resume" in out
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, the thing named

@@ -114,7 +114,7 @@ def _bar(frac: float, width: int = 20) -> str:
 
 
 class Trainer:
-    """Trains `model` on token arrays; `fit()` runs to cfg.steps, saving into `out_dir`."""
+    """Trains `model` on token arrays or SFT batches; `fit()` runs to cfg.steps, saving into `out_dir`."""
 
     def __init__(self, model: Any, train_tokens: Any, val_tokens: Any, cfg: TrainConfig,
                  out_dir: str, log: TextIO | None = None, extra_state: dict[str, Any] | None = None) -> None:
