@@ -160,6 +160,27 @@ def test_help_lists_finetune(capsys):
     assert "--lora-targets" in out and "--full" in out and "--resume" in out
 
 
+def test_full_finetune_resumes_exactly(tiny, data, tmp_path, monkeypatch, capsys):
+    argv = lambda out: ["finetune", "--model", tiny, "--data", data, "--out", str(out), "--full", "--steps", "4",  # noqa: E731
+                        "--batch-size", "2", "--seq-len", "48", "--lr", "1e-3", "--save-every", "2",
+                        "--eval-every", "0", "--log-every", "0"]
+    assert main(argv(tmp_path / "a")) == 0
+    step = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return step(self)
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    assert main(argv(tmp_path / "b")) == 130
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert main(["finetune", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert "at step 2" in capsys.readouterr().out
+    a, b = (Llama.from_pretrained(str(tmp_path / x / "final")) for x in "ab")
+    for k in a.params:
+        assert np.array_equal(a.params[k], b.params[k]), k
+
+
 # ---------------------------------------------------------------- bad input: one line, exit 2, the thing named
 def _other_adapter(tmp_path):
     """An adapter for a model of another width: its tensors do not fit the tiny model."""

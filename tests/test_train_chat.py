@@ -112,6 +112,15 @@ def test_bad_conversations_are_named(messages, match):
         encode_chat(npl(smollm2_path()), messages)
 
 
+@pytest.mark.parametrize("fmt", ["chatml-gguf", "llama3"])
+def test_an_assistant_turn_first_is_refused_not_mislabelled(fmt):
+    """With no prompt before it, the template's output for the turn is not a continuation of a generation prompt
+    (ChatML puts its default system prompt first, Llama 3 its BOS): an error, never the system prompt labelled."""
+    tok = _pair(fmt)[0]
+    with pytest.raises(ChatDataError, match="assistant turn before any user turn"):
+        encode_chat(tok, [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Hello"}])
+
+
 def test_llama2_roles_must_alternate_is_a_data_error():
     with pytest.raises(ChatDataError, match="alternate"):
         encode_chat(npl(LLAMA_SPM), [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}])

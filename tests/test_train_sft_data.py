@@ -58,6 +58,15 @@ def test_not_utf8_and_missing_file_are_named(tmp_path, tok):
         load_sft(str(tmp_path / "nope.jsonl"), tok, 64)
 
 
+def test_a_conversation_the_template_refuses_is_named_with_file_and_line(tmp_path):
+    from tokenizer_fixtures import LLAMA_SPM
+    path = _write(tmp_path, [_conv("a", "b"), {"messages": [{"role": "user", "content": "a"},
+                                                            {"role": "user", "content": "b"},
+                                                            {"role": "assistant", "content": "c"}]}])
+    with pytest.raises(DataError, match=f"^{path}:2: .*alternate"):
+        load_sft(path, npl(LLAMA_SPM), 64)
+
+
 def test_counts_truncation_and_skips(tmp_path, tok):
     long_answer = " ".join(f"word{i}" for i in range(80))
     lines = [_conv("What is 1 + 1?", "The answer is 2."),

@@ -53,7 +53,7 @@ def assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> li
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _text(tokenizer._chat_parts(messages[:i], True)) if i else ""
+        prompt = _text(tokenizer._chat_parts(messages[:i], True))
         upto = tokenizer._chat_parts(messages[:i + 1], False)
         text = _text(upto)
         if not (text.startswith(prompt) and full.startswith(text)):
