@@ -1,5 +1,6 @@
 """encode_chat against transformers' apply_chat_template, computed in the same run, for ChatML (SmolLM2, from
-its GGUF and from an HF folder that keeps the template in chat_template.jinja), Llama 3 and Llama 2.
+its GGUF, from the tokenizer.gguf beside a converted model (the embedded model's folder) and from an HF folder
+that keeps the template in chat_template.jinja), Llama 3 and Llama 2.
 
 The expected labels come from transformers too: assistant turn i adds the ids between
 apply_chat_template(messages[:i], add_generation_prompt=True) and the end of the last end-of-turn token of
@@ -41,9 +42,22 @@ def _smollm2_hf_folder(tmp_root):
     return d
 
 
+@functools.lru_cache(None)
+def _smollm2_tokenizer_gguf(tmp_root):
+    """The vocabulary-only tokenizer.gguf that `convert` and the embedded model's cached float copy carry."""
+    import os
+    from npllama.io.gguf import write_tokenizer_gguf
+    d = os.path.join(tmp_root, "smollm2-converted")
+    os.makedirs(d)
+    write_tokenizer_gguf(smollm2_path(), os.path.join(d, "tokenizer.gguf"))
+    return d
+
+
 def _pair(fmt, tmp_root=None):
     if fmt == "chatml-gguf":
         return npl(smollm2_path()), hf_smollm2(), None, "chatml"
+    if fmt == "chatml-converted":
+        return npl(_smollm2_tokenizer_gguf(tmp_root)), hf_smollm2(), None, "chatml"
     if fmt == "chatml-hf-folder":
         from transformers import AutoTokenizer
         d = _smollm2_hf_folder(tmp_root)
@@ -64,7 +78,7 @@ def tmp_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("conv", list(CONVERSATIONS))
-@pytest.mark.parametrize("fmt", ["chatml-gguf", "chatml-hf-folder", "llama3", "llama2"])
+@pytest.mark.parametrize("fmt", ["chatml-gguf", "chatml-converted", "chatml-hf-folder", "llama3", "llama2"])
 def test_encode_chat_matches_transformers(fmt, conv, tmp_root):
     tok, hf, template, family = _pair(fmt, tmp_root)
     assert tok.chat_format == family
