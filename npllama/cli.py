@@ -1,4 +1,4 @@
-"""The command line: generate | chat | eval | convert | train | bench | explain (thin: parses, calls the package).
+"""The command line: generate | chat | eval | convert | train | finetune | bench | explain (thin: parses, calls the package).
 
 `python run.py` with no arguments answers a default prompt with the embedded default model
 (SmolLM2-135M-Instruct) and prints load time, time to first token and tokens/s.
@@ -22,7 +22,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # the install requirements, with what to install when one is missing
 _REQUIRED = {"numpy": "numpy", "safetensors": "safetensors", "regex": "regex", "gguf": "gguf"}
-SUBCOMMANDS = ("generate", "chat", "eval", "convert", "train", "bench", "explain")
+SUBCOMMANDS = ("generate", "chat", "eval", "convert", "train", "finetune", "bench", "explain")
 
 
 class UsageError(NpllamaError):
@@ -65,6 +65,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array backend (default numpy)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute dtype (default float32)")
     p.add_argument("--seed", type=_number(int, 0), default=None, help="random seed for sampling (reproducible runs)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder in PEFT's format (run.py finetune's "
+                   "out/final), merged into the weights after loading")
 
 
 def _sampling(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -94,6 +96,10 @@ def _paths(args: argparse.Namespace, check_only: bool = False) -> tuple[str, str
         args.tokenizer = default_gguf()
     if args.tokenizer and args.tokenizer != "default" and not os.path.exists(args.tokenizer):
         raise UsageError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None and not os.path.isdir(adapter):
+        raise UsageError(f"--adapter {adapter}: {'not a directory' if os.path.exists(adapter) else 'no such directory'} "
+                         f"(expected a PEFT adapter folder: adapter_config.json + adapter_model.safetensors)")
     if args.model is None:
         if check_only:
             return "", ""
@@ -113,6 +119,10 @@ def _load(args: argparse.Namespace, need_tokenizer: bool = True) -> tuple[Any, A
     model_path, tok_path = _paths(args)
     from npllama.model import Llama
     model = Llama.from_pretrained(model_path, dtype=args.dtype, backend=args.backend)
+    if getattr(args, "adapter", None):
+        from npllama import lora
+        lora.load(model, args.adapter)       # checked whole before anything changes: a bad adapter loads nothing
+        lora.merge(model)                    # folded into the weights: decoding costs what it did without one
     tok = None
     if need_tokenizer:
         from npllama.tokenizer import Tokenizer
@@ -346,22 +356,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- explain
-def _check_adapter_dir(path: str) -> None:
-    """--adapter names a folder (its files are checked when it is loaded)."""
-    if not os.path.isdir(path):
-        raise UsageError(f"--adapter {path}: {'not a directory' if os.path.exists(path) else 'no such directory'} "
-                         f"(expected a PEFT adapter folder: adapter_config.json + adapter_model.safetensors)")
-
-
-def _apply_adapter(model: Any, path: str) -> Any:
-    """Load the PEFT adapter folder `path` (--adapter) into the model and merge it in: a plain Llama again."""
-    from npllama import lora
-    _check_adapter_dir(path)
-    lora.load(model, path)
-    lora.merge(model)
-    return model
-
-
 def _check_out_file(flag: str, path: str) -> None:
     """A file the command will write: its folder must exist, and it must not be a folder itself."""
     if os.path.isdir(path):
@@ -384,13 +378,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for flag, path in (("--out", args.out), ("--png", args.png)):
         if path:
             _check_out_file(flag, path)
-    if args.adapter is not None:
-        _check_adapter_dir(args.adapter)             # before the model is loaded
     if args.prompt.strip() == "":
         raise UsageError("the prompt is empty")
-    model, tok, load_s = _load(args)
-    if args.adapter is not None:
-        _apply_adapter(model, args.adapter)
+    model, tok, load_s = _load(args)                 # with --adapter loaded and merged
     c = model.config
     layer = c.num_hidden_layers - 1 if args.layer is None else args.layer
     if not 0 <= layer < c.num_hidden_layers:
@@ -436,11 +426,17 @@ def _head(text: str, n: int) -> int:
     return h
 
 
-# ---------------------------------------------------------------- train / bench
+# ---------------------------------------------------------------- train / finetune / bench
 def cmd_train(args: argparse.Namespace) -> int:
     """Delegates to npllama.train.cli."""
     from npllama.train import cli as train_cli
     return int(train_cli.run(args) or 0)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune on chat data (JSONL, one {"messages": [...]} per line) with a LoRA adapter, or all weights (--full)."""
+    from npllama.train import finetune
+    return int(finetune.run(args) or 0)
 
 
 def _bench_dir() -> str:
@@ -472,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     ap = _Parser(prog="npllama", description="LLaMA in NumPy/CuPy. With no arguments: answer a default prompt "
                  "with the embedded SmolLM2-135M-Instruct and print load time, first-token time and tokens/s.")
-    sub = ap.add_subparsers(dest="command", metavar="{generate,chat,eval,convert,train,bench,explain}",
+    sub = ap.add_subparsers(dest="command", metavar="{generate,chat,eval,convert,train,finetune,bench,explain}",
                             parser_class=_Parser)
 
     g = sub.add_parser("generate", help="continue a prompt", description=cmd_generate.__doc__)
@@ -512,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     from npllama.train import cli as train_cli
     train_cli.add_arguments(t)
     t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("finetune", help="fine-tune on chat data (JSONL), with LoRA or --full",
+                       description=cmd_finetune.__doc__)
+    from npllama.train import finetune
+    finetune.add_arguments(f)
+    f.set_defaults(func=cmd_finetune)
 
     b = sub.add_parser("bench", help="run bench/run_all.py (source checkout only)", description=cmd_bench.__doc__)
     b.add_argument("workloads", nargs="*", metavar="WORKLOAD",

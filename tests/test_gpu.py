@@ -147,6 +147,42 @@ def test_lora_with_dropout_matches_numpy(dtype, tmp_path):
     assert err(gpu.forward(ids), ref.forward(ids)) <= TOL[dtype]
 
 
+def test_sft_lora_trainer_matches_numpy_and_resumes_on_the_gpu(tmp_path):
+    # chat SFT batches (padded, -100 targets), accumulation weighted by labelled targets, held-out loss,
+    # a LoRA checkpoint written from device arrays and read back onto them
+    import os
+    from npllama import lora
+    from npllama.train import TrainConfig, Trainer
+    from npllama.train.sft import Example, SFTBatcher, SFTEval
+    rng = np.random.default_rng(0)
+    ex = []
+    for _ in range(9):
+        ids = rng.integers(0, 97, int(rng.integers(5, 20)))
+        ex.append(Example(ids, np.where(np.arange(len(ids)) >= len(ids) // 2, ids, -100)))
+    cfg = TrainConfig(steps=4, batch_size=2, seq_len=24, accum=2, lr=1e-2, warmup=1, eval_every=2, eval_batches=1,
+                      save_every=2, log_every=0, seed=1)
+    null = open(os.devnull, "w")
+    ref, gpu = models("gqa-llama3", "float64")
+    runs = []
+    for m, out in ((ref, "np"), (gpu, "cp")):
+        lora.add(m, r=2, alpha=4, targets=["q_proj", "down_proj"], dropout=0.1, seed=2)
+        t = Trainer(m, SFTBatcher(ex[:7], 2, seed=1), SFTEval(ex[7:]), cfg, str(tmp_path / out), log=null)
+        t.fit()
+        runs.append(t)
+    for a, b in zip(runs[0].history, runs[1].history):
+        for k in ("loss", "val_loss"):
+            if k in a:
+                assert abs(a[k] - b[k]) <= 1e-10 * abs(a[k]), (k, a["step"])
+    assert_all_close(lora.lora_params(gpu), lora.lora_params(ref), 1e-10)
+    _, again = models("gqa-llama3", "float64")
+    lora.add(again, r=2, alpha=4, targets=["q_proj", "down_proj"], dropout=0.1, seed=2)
+    t = Trainer(again, SFTBatcher(ex[:7], 2, seed=1), SFTEval(ex[7:]), TrainConfig(**{**cfg.__dict__, "steps": 6}),
+                str(tmp_path / "cp"), log=null)
+    t.resume()
+    assert t.step == 4 and all(isinstance(p, cupy.ndarray) for p in lora.lora_params(again).values())
+    assert_all_close(lora.lora_params(again), lora.lora_params(gpu), 0.0)
+
+
 # ---------------------------------------------------------------- fused kernels vs the plain code
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_rmsnorm(dtype):

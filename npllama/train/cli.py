@@ -31,7 +31,6 @@ _SETTINGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `train` flags to a parser (settings left out default to TrainConfig's values)."""
-    d = TrainConfig()
     src = parser.add_argument_group("model (one of --config, --model, or --resume)")
     src.add_argument("--config", help="HF config.json of a model to train from scratch")
     src.add_argument("--model", help="pretrained model dir (config.json + safetensors) to fine-tune")
@@ -42,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--tokenizer", help="tokenizer dir/file for text data (default: the --model dir)")
     io.add_argument("--out", required=True, help="output dir: checkpoints, logs, final model")
     io.add_argument("--val-fraction", type=float, default=0.1, help="share of the tokens held out (default 0.1)")
+    add_training_arguments(parser)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """The training-setting flags (shared with `finetune`); `defaults` (TrainConfig field -> shown value) for help."""
+    d = TrainConfig(**(defaults or {}))
     h = parser.add_argument_group("training (defaults in brackets; a resumed run keeps its saved values)")
     for flag, typ, help_ in (
             ("steps", int, "optimizer steps"), ("batch-size", int, "sequences per micro-batch"),
@@ -210,4 +215,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["add_arguments", "run", "main"]
+__all__ = ["add_arguments", "add_training_arguments", "run", "main"]

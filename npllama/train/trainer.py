@@ -1,8 +1,16 @@
 """The training loop: batches -> loss_and_grads (accumulated) -> clip -> lr schedule -> AdamW, with
 periodic validation, progress lines, checkpoints and an exact resume.
 
+It trains on either kind of data: a token array (language modelling: packed (B, T+1) windows, the targets
+the inputs shifted by one) or a batcher of (inputs, targets) pairs (chat SFT, npllama.train.sft: targets
+already shifted, -100 where there is nothing to learn). Only `model.trainable` is optimized: after
+npllama.lora.add that is the adapter's matrices, and a checkpoint then holds only them (plus the adapter's
+settings and its dropout draw count), since the frozen base weights are the --model's.
+
 One optimizer step is:
     for each of `accum` micro-batches:  loss_i, g_i = model.loss_and_grads(x_i, y_i);  G += g_i / accum
+    (SFT: G += g_i n_i / N, n_i the labelled targets of micro-batch i and N their sum: the step's loss is then
+    the mean over all its labelled targets, as one big batch would give)
     norm = clip_grad_norm(G, clip);  opt.lr = schedule(step);  opt.step(G)
 Everything a step depends on (parameters, optimizer buffers, step number, the data generator's
 state) is in the checkpoint, so a resumed run performs the very same arithmetic as one that never
@@ -106,26 +114,36 @@ def _bar(frac: float, width: int = 20) -> str:
 
 
 class Trainer:
-    """Trains `model` on token arrays; `fit()` runs to cfg.steps, saving into `out_dir`."""
+    """Trains `model` on token arrays or SFT batches; `fit()` runs to cfg.steps, saving into `out_dir`."""
 
-    def __init__(self, model: Any, train_tokens: np.ndarray, val_tokens: np.ndarray | None, cfg: TrainConfig,
+    def __init__(self, model: Any, train_tokens: Any, val_tokens: Any, cfg: TrainConfig,
                  out_dir: str, log: TextIO | None = None, extra_state: dict[str, Any] | None = None) -> None:
+        """train_tokens: a token array, or a batcher of (inputs, targets) (npllama.train.sft.SFTBatcher);
+        val_tokens: a token array, held-out conversations (npllama.train.sft.SFTEval), or None."""
         self.model, self.cfg, self.out_dir = model, cfg, out_dir
         self.ckpt_dir = os.path.join(out_dir, "checkpoints")
         self.log = log or sys.stdout
         self.extra_state = extra_state or {}
-        self.train = Batcher(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed, name="train")
-        self.val_tokens = val_tokens if val_tokens is not None and len(val_tokens) > cfg.seq_len else None
-        if self.val_tokens is None and cfg.eval_every:
-            print("note: no validation split long enough for --seq-len; validation is off", file=self.log)
+        self.sft = hasattr(train_tokens, "next") and hasattr(train_tokens, "state_dict")
+        self.train = train_tokens if self.sft else \
+            Batcher(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed, name="train")
+        self.val_set = val_tokens if hasattr(val_tokens, "batches") and len(val_tokens) else None
+        self.val_tokens = val_tokens if not hasattr(val_tokens, "batches") and val_tokens is not None \
+            and len(val_tokens) > cfg.seq_len else None
+        if self.val_tokens is None and self.val_set is None and cfg.eval_every:
+            why = "no held-out conversations" if self.sft else "no validation split long enough for --seq-len"
+            print(f"note: {why}; validation is off", file=self.log)
         kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps) if cfg.optimizer == "adamw" else {}
-        self.opt: Optimizer = make_optimizer(cfg.optimizer, model.params, cfg.lr, cfg.weight_decay, **kw)
+        # only what gets gradients: after lora.add the optimizer state is the adapter's alone
+        trainable = {k: p for k, p in model.params.items() if k in model.trainable}
+        self.opt: Optimizer = make_optimizer(cfg.optimizer, trainable, cfg.lr, cfg.weight_decay, **kw)
         self.schedule = Schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.min_lr, cfg.schedule)
         ctx = model.config.max_position_embeddings
         if cfg.seq_len > ctx:
             raise TrainConfigError(f"--seq-len {cfg.seq_len} is longer than the model's context "
                                    f"(max_position_embeddings = {ctx})")
         self.step = 0                                       # optimizer steps done
+        self.tokens_seen = 0                                # input positions computed (padding included)
         self.history: list[dict[str, Any]] = []             # one record per step (and per eval)
         self.last_checkpoint: str | None = None
         os.makedirs(out_dir, exist_ok=True)
@@ -135,20 +153,25 @@ class Trainer:
         """One optimizer step (accum micro-batches); returns its loss, lr and gradient norm."""
         cfg, xp = self.cfg, self.model.xp
         total_loss, G = 0.0, None
-        for _ in range(cfg.accum):
-            batch = xp.asarray(self.train.next())
-            loss, grads = self.model.loss_and_grads(batch[:, :-1], batch[:, 1:])
+        batches = [self._next_batch() for _ in range(cfg.accum)]
+        weights = None                 # LM: every micro-batch has B*T targets, so each counts 1/accum
+        if self.sft and cfg.accum > 1:
+            counts = [int((y != -100).sum()) for _, y in batches]
+            weights = [n / sum(counts) for n in counts]
+        for i, (x, y) in enumerate(batches):
+            loss, grads = self.model.loss_and_grads(xp.asarray(x), xp.asarray(y))
+            self.tokens_seen += int(x.size)
             loss = float(loss)
             if not math.isfinite(loss):
                 raise TrainingDiverged(self._diverged_msg(f"loss is {loss}"))
-            total_loss += loss / cfg.accum
+            total_loss += loss / cfg.accum if weights is None else loss * weights[i]
             if cfg.accum == 1:
                 G = grads
             elif G is None:                                   # average the micro-batch gradients
-                G = {k: g / cfg.accum for k, g in grads.items()}
+                G = {k: (g / cfg.accum if weights is None else g * weights[i]) for k, g in grads.items()}
             else:
                 for k, g in grads.items():
-                    G[k] += g / cfg.accum
+                    G[k] += g / cfg.accum if weights is None else g * weights[i]
         assert G is not None
         norm = clip_grad_norm(G, cfg.clip) if cfg.clip > 0 else grad_norm(G)
         if not math.isfinite(norm):
@@ -159,6 +182,13 @@ class Trainer:
         self.step += 1
         return {"step": self.step, "loss": total_loss, "lr": lr, "grad_norm": norm}
 
+    def _next_batch(self) -> tuple[Any, Any]:
+        """(inputs, targets) of the next micro-batch, on the host."""
+        if self.sft:
+            return self.train.next()
+        batch = self.train.next()
+        return batch[:, :-1], batch[:, 1:]
+
     def _diverged_msg(self, what: str, where: str | None = None, before: bool = True) -> str:
         good = self.last_checkpoint or "none was written in this run"
         stopped = "Stopped before updating the parameters" if before else "Not saved as a checkpoint"
@@ -166,10 +196,18 @@ class Trainer:
                 f"Last good checkpoint: {good}. Try a lower --lr, a longer --warmup or --clip 1.0.")
 
     def evaluate(self) -> float:
-        """Mean validation loss over the fixed validation batches."""
+        """Mean validation loss over the fixed validation batches (SFT: over all their labelled targets)."""
+        xp = self.model.xp
+        if self.val_set is not None:
+            total, count = 0.0, 0
+            for x, y in self.val_set.batches(self.cfg.batch_size, self.cfg.eval_batches):
+                n = int((y != -100).sum())
+                total += float(self.model.loss(xp.asarray(x), xp.asarray(y))) * n
+                count += n
+            return total / count if count else float("nan")
         if self.val_tokens is None:
             return float("nan")
-        xp, losses = self.model.xp, []
+        losses = []
         for b in eval_batches(self.val_tokens, self.cfg.batch_size, self.cfg.seq_len, self.cfg.eval_batches):
             b = xp.asarray(b)
             losses.append(float(self.model.loss(b[:, :-1], b[:, 1:])))
@@ -178,14 +216,19 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
         """Write a checkpoint of the current state (atomic) and return its path; refuses non-finite parameters."""
-        bad = first_nonfinite(self.model.params)
+        m = self.model
+        # a LoRA run saves the adapter only: the frozen base is the --model's, unchanged
+        params = m.params if m.lora is None else {k: p for k, p in m.params.items() if k in m.trainable}
+        bad = first_nonfinite(params)
         if bad is not None:   # such a checkpoint is never written, so `latest` and the "last good" one stay good
             raise TrainingDiverged(self._diverged_msg(f"parameter {bad!r} is not finite after the update",
                                                       where=f"step {self.step}", before=False))
         state = {"train_config": asdict(self.cfg), "data": {"train": self.train.state_dict()},
-                 "tokens_seen": self.tokens_per_step * self.step, "dtype": self.model.dtype.name, **self.extra_state}
-        self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.step, self.model.params, self.opt.state_dict(),
-                                               self.model.config, state, keep=self.cfg.keep_checkpoints)
+                 "tokens_seen": self.tokens_seen, "dtype": m.dtype.name, **self.extra_state}
+        if m.lora is not None:
+            state["lora"], state["lora_draws"] = asdict(m.lora), int(m._lora_draws)
+        self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.step, params, self.opt.state_dict(),
+                                               m.config, state, keep=self.cfg.keep_checkpoints)
         self._write_history()
         return self.last_checkpoint
 
@@ -198,22 +241,43 @@ class Trainer:
         bad = first_nonfinite(ck["params"])
         if bad is not None:
             raise CheckpointError(f"{ck['path']}: parameter {bad!r} is not finite: not a checkpoint to resume from")
-        missing = sorted(set(self.model.params) - set(ck["params"]))
+        m, st = self.model, ck["state"]
+        self._check_lora(st.get("lora"), ck["path"])
+        need = set(m.params) if m.lora is None else set(m.trainable)
+        missing = sorted(need - set(ck["params"]))
         if missing:
             raise ValueError(f"{ck['path']}: checkpoint lacks parameter {missing[0]!r} of this model")
-        xp = self.model.xp
-        for k, p in self.model.params.items():           # in place, so the optimizer's references stay valid
+        xp = m.xp
+        for k, p in m.params.items():                    # in place, so the optimizer's references stay valid
+            if k not in ck["params"]:
+                continue                                 # a frozen base weight of a LoRA run
             src = ck["params"][k]
             if tuple(src.shape) != tuple(p.shape):
                 raise ValueError(f"{ck['path']}: parameter {k!r} has shape {src.shape}, the model has {p.shape}")
             p[...] = xp.asarray(src)
         self.opt.load_state_dict(ck["optimizer"])
-        st = ck["state"]
         self.step = int(st["step"])
+        self.tokens_seen = int(st.get("tokens_seen", self.tokens_per_step * self.step))
+        if m.lora is not None:
+            m._lora_draws = int(st.get("lora_draws", 0))     # the dropout masks continue where they were
         self.train.load_state_dict(st["data"]["train"])
         self.last_checkpoint = ck["path"]
         self.history = self._read_history()
         self.history = [h for h in self.history if h["step"] <= self.step]   # drop steps after the checkpoint
+
+    def _check_lora(self, saved: dict[str, Any] | None, path: str) -> None:
+        """The checkpoint's adapter settings must be the model's (a resumed LoRA run adds the same adapter first)."""
+        m = self.model
+        if saved is None and m.lora is None:
+            return
+        if saved is None or m.lora is None:
+            what = "a LoRA adapter's checkpoint" if saved else "a checkpoint without a LoRA adapter"
+            raise CheckpointError(f"{path}: {what}, but the model {'has none' if saved else 'carries one'}")
+        mine = json.loads(json.dumps(asdict(m.lora)))
+        for k in sorted(set(mine) | set(saved)):
+            if mine.get(k) != saved.get(k):
+                raise CheckpointError(f"{path}: the checkpoint's adapter has {k} = {saved.get(k)!r}, "
+                                      f"the model's has {mine.get(k)!r}")
 
     # ------------------------------------------------------------------ the loop
     @property
@@ -225,7 +289,9 @@ class Trainer:
         """Train until cfg.steps (or `stop_at`), evaluating, logging and saving on the way; returns the last record."""
         cfg, end = self.cfg, min(stop_at or self.cfg.steps, self.cfg.steps)
         start_step, rec, elapsed = self.step, {}, 0.0     # elapsed: training time only (no evals, no saves)
-        if self.step == 0 and cfg.eval_every and self.val_tokens is not None:
+        start_tokens = self.tokens_seen
+        has_val = self.val_tokens is not None or self.val_set is not None
+        if self.step == 0 and cfg.eval_every and has_val:
             self._record_eval()
         while self.step < end:
             t = time.perf_counter()
@@ -236,12 +302,12 @@ class Trainer:
                 on_step(rec)
             done = self.step - start_step
             if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == end):
-                tps = done * self.tokens_per_step / elapsed if elapsed > 0 else float("nan")
+                tps = (self.tokens_seen - start_tokens) / elapsed if elapsed > 0 else float("nan")
                 eta = (end - self.step) * elapsed / done
                 bar = _bar(self.step / cfg.steps)
                 print(f"{bar} step {self.step:>6}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
                       f"norm {rec['grad_norm']:.3f} | {tps:,.0f} tok/s | ETA {_fmt_time(eta)}", file=self.log, flush=True)
-            if cfg.eval_every and self.val_tokens is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+            if cfg.eval_every and has_val and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 rec = {**rec, "val_loss": self._record_eval()}
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
                 self.save()
