@@ -100,3 +100,171 @@ def test_two_ranks_reach_the_parameters_of_one_process(reference, tmp_path, zero
             assert m["bytes"] <= full_bytes / 2 + 2 * 8 * m["buckets"]
         else:
             assert m["bytes"] == full_bytes
+
+
+def test_unequal_token_counts_weighted_exactly():
+    # rank 0's rows count 4 targets, rank 1's 18 (-100 labels): the gradient of the global mean all the same
+    r = mpi(2, os.path.join(REPO, "tests", "mpi", "masked.py"))
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert r.stdout.count("grad rel err") == 2
+
+
+def test_resume_across_world_sizes(reference, tmp_path):
+    """Saved under 2 ranks (ZeRO-1: moments gathered) -> resumed by 1 process, and 1 -> 2: the straight run's result."""
+    ref = params(reference[False])
+    a = str(tmp_path / "two_to_one")
+    r = mpi(2, DRIVER, a, "--zero", "1", "--stop-at", "2", "--save-every", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    halfway = params(a)
+    r = solo(DRIVER, a, "--resume", "--save-every", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert rel(params(a), ref) <= 1e-12
+    assert rel(halfway, ref) > 1e-4                  # the first half alone is not the answer
+    b = str(tmp_path / "one_to_two")
+    r = solo(DRIVER, b, "--stop-at", "2", "--save-every", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = mpi(2, DRIVER, b, "--resume", "--zero", "1", "--save-every", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert rel(params(b), ref) <= 1e-12
+    # the checkpoint a ZeRO-1 run wrote holds the whole optimizer state in the one-process format
+    from npllama.train.checkpoint import latest_checkpoint, load_checkpoint
+    ck = load_checkpoint(latest_checkpoint(os.path.join(b, "checkpoints")))
+    assert ck["state"]["step"] == 4
+    assert set(ck["optimizer"]["state"]) == set(ref)
+    for k, v in ref.items():
+        assert ck["optimizer"]["state"][k]["exp_avg"].shape == v.shape
+
+
+# ---------------------------------------------------------------------- the command line and bad input
+CONF_CLI = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=61, max_position_embeddings=64, rms_norm_eps=1e-5)
+
+
+@pytest.fixture
+def cli_files(tmp_path):
+    from npllama.train.data import write_token_file
+    rng = np.random.default_rng(0)
+    toks = ((np.arange(3000) * 5 + rng.integers(0, 2, 3000)) % 61).astype(np.uint16)
+    write_token_file(toks, str(tmp_path / "tok.bin"), 61)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(CONF_CLI, f)
+    return ["--config", str(tmp_path / "config.json"), "--data", str(tmp_path / "tok.bin"), "--seq-len", "8",
+            "--eval-every", "0", "--log-every", "1"]
+
+
+def errors(r):
+    return [line for line in r.stderr.splitlines() if "error" in line]
+
+
+def test_cli_two_ranks_match_one_process(cli_files, tmp_path):
+    common = [*cli_files, "--steps", "3", "--batch-size", "4", "--accum", "2", "--dtype", "float64"]
+    one = solo("run.py", "train", *common, "--out", str(tmp_path / "one"))
+    two = mpi(2, "run.py", "train", *common, "--out", str(tmp_path / "two"), "--zero", "1")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert "data parallel: 2 MPI ranks" in two.stdout and two.stdout.count("saved the trained model") == 1
+    from safetensors.numpy import load_file
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert rel(b, a) <= 1e-12
+
+
+def test_batch_not_divisible_by_ranks(cli_files, tmp_path):
+    r = mpi(2, "run.py", "train", *cli_files, "--steps", "2", "--batch-size", "3", "--out", str(tmp_path / "o"),
+            timeout=60)
+    assert r.returncode == 2
+    assert len(errors(r)) == 1, r.stderr
+    assert "--batch-size 3" in r.stderr and "2 MPI ranks" in r.stderr
+    assert not os.path.exists(tmp_path / "o" / "checkpoints")
+
+
+def test_ranks_with_different_arguments_stop_before_step_one(cli_files, tmp_path):
+    base = [sys.executable, "run.py", "train", *cli_files, "--steps", "2", "--batch-size", "2",
+            "--out", str(tmp_path / "o")]
+    r = subprocess.run([MPIEXEC, "-n", "1", *base, "--lr", "1e-3", ":", "-n", "1", *base, "--lr", "2e-3"], cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert len(errors(r)) == 1, r.stderr
+    assert "MPI ranks disagree on the arguments: rank 1 differs from rank 0" in r.stderr
+    assert "step " not in r.stdout and not os.path.exists(tmp_path / "o" / "checkpoints")
+
+
+def test_disagreement_on_data_or_step_is_named():
+    from npllama.train.distributed import DistributedError, check_agreement, tokens_fingerprint
+
+    class TwoRanks:             # rank 1 saw other data: what its allgather would return
+        size, rank = 2, 0
+
+        def allgather_obj(self, obj):
+            other = dict(obj)
+            other["data"] = "0" * 16
+            return [obj, other]
+    a = np.arange(10000, dtype=np.uint16)
+    b = a.copy()
+    b[5000] += 1
+    assert tokens_fingerprint(a) != tokens_fingerprint(b)       # one token changed in the middle is seen
+    with pytest.raises(DistributedError, match="disagree on the data: rank 1"):
+        check_agreement(TwoRanks(), start_step=3, data=tokens_fingerprint(a))
+
+
+def test_mpiexec_without_mpi4py_says_what_to_install(tmp_path, cli_files):
+    hide = tmp_path / "hide" / "mpi4py"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError('mpi4py hidden by the test')\n")
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "run.py", "train", *cli_files, "--steps", "1",
+                        "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env=_env(PYTHONPATH=os.pathsep.join([str(tmp_path / "hide"), REPO])))
+    assert r.returncode == 2
+    assert len(errors(r)) == 1, r.stderr
+    assert "pip install 'npllama[mpi]'" in r.stderr and "mpi4py is not installed" in r.stderr
+
+
+def test_killed_rank_ends_the_job_and_the_checkpoint_resumes(reference, tmp_path):
+    import psutil
+    out = str(tmp_path / "k")
+    p = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, DRIVER, out, "--steps", "4", "--save-every", "1",
+                          "--sleep", "3"], cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    latest = os.path.join(out, "checkpoints", "latest")
+    deadline = time.time() + 60
+    while not os.path.exists(latest) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    assert os.path.exists(latest), "no checkpoint appeared"
+    victim = None
+    for c in psutil.Process(p.pid).children(recursive=True):
+        try:
+            if c.environ().get("PMI_RANK") == "1" and "python" in c.name():
+                victim = c
+        except psutil.Error:
+            pass
+    assert victim is not None
+    t = time.time()
+    victim.send_signal(signal.SIGKILL)
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail("mpiexec still running 60 s after a rank was killed")
+    waited = time.time() - t
+    print(f"mpiexec exited {waited:.2f} s after rank 1 was killed, code {p.returncode}")
+    assert p.returncode != 0 and waited < 60
+    from npllama.train.checkpoint import latest_checkpoint
+    last = latest_checkpoint(os.path.join(out, "checkpoints"))
+    assert not last.endswith("step_000004"), "the run finished before the kill"
+    r = solo(DRIVER, out, "--resume", "--steps", "4")        # the last checkpoint resumes, on the same trajectory
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert rel(params(out), params(reference[False])) <= 1e-12
+
+
+def test_bad_checkpoint_under_two_ranks_is_one_line_and_left_alone(cli_files, tmp_path):
+    out = str(tmp_path / "o")
+    common = [*cli_files, "--steps", "2", "--batch-size", "2", "--out", out]
+    assert mpi(2, "run.py", "train", *common).returncode == 0
+    ck = os.path.join(out, "checkpoints", "step_000002")
+    with open(os.path.join(ck, "model.safetensors"), "r+b") as f:   # damaged: shorter than its manifest says
+        f.truncate(os.path.getsize(os.path.join(ck, "model.safetensors")) - 8)
+    before = {f: os.path.getsize(os.path.join(ck, f)) for f in os.listdir(ck)}
+    r = mpi(2, "run.py", "train", "--out", out, "--resume", "--steps", "4", timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert len(errors(r)) == 1, r.stderr
+    assert "model.safetensors" in r.stderr
+    assert {f: os.path.getsize(os.path.join(ck, f)) for f in os.listdir(ck)} == before

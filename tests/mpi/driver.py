@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--untied", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds after each step (a run slow enough to kill)")
     a = ap.parse_args()
     world = World.from_env()
     conf = dict(CONF, tie_word_embeddings=not a.untied)
@@ -59,7 +61,7 @@ def main() -> None:
     tr = Trainer(model, tokens(), None, cfg, a.out, parallel=par)
     if a.resume:
         tr.resume()
-    tr.fit(stop_at=a.stop_at)
+    tr.fit(stop_at=a.stop_at, on_step=(lambda rec: time.sleep(a.sleep)) if a.sleep else None)
     os.makedirs(a.out, exist_ok=True)
     np.save(os.path.join(a.out, f"rows_rank{world.rank}.npy"), np.stack(seen))
     nbytes = getattr(tr.opt, "state_nbytes", None)
