@@ -160,6 +160,8 @@ def _run(args: argparse.Namespace, world: Any = None) -> int:
     from npllama.model import Llama
     from npllama.train.checkpoint import latest_checkpoint, load_checkpoint
     # user mistakes raise NpllamaError, which npllama.cli.main reports in one line with exit code 2
+    if world is not None and world.size > 1 and args.backend == "cupy":
+        world.use_local_gpu()         # before any array is made: one GPU per rank
     saved = None
     if args.resume:
         path = latest_checkpoint(os.path.join(args.out, "checkpoints")) if args.resume == "latest" else args.resume

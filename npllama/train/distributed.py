@@ -132,6 +132,10 @@ class World:
             out[...] = buf
             return lambda: None
         if is_cupy(buf):
+            if self._nccl_for(buf):
+                nccl, stream, kind = self._nccl_args(buf)
+                self.nccl.reduceScatter(buf.data.ptr, out.data.ptr, out.size, kind, nccl.NCCL_SUM, stream)
+                return lambda: None
             host, hout = self._host(buf), np.empty(out.shape, dtype=out.dtype)
             req = self.comm.Ireduce_scatter_block(host, hout, op=self.MPI.SUM)
 
@@ -147,6 +151,11 @@ class World:
         if self.size == 1:
             return
         if is_cupy(buf):
+            if self._nccl_for(buf):            # in place: rank r's block already sits at its offset
+                nccl, stream, kind = self._nccl_args(buf)
+                n = buf.size // self.size
+                self.nccl.allGather(buf[self.rank * n:].data.ptr, buf.data.ptr, n, kind, stream)
+                return
             host = self._host(buf)
             self.comm.Allgather(self.MPI.IN_PLACE, host)
             buf.set(host)
@@ -158,6 +167,10 @@ class World:
         if self.size == 1:
             return
         if is_cupy(buf):
+            if self._nccl_for(buf):
+                nccl, stream, kind = self._nccl_args(buf)
+                self.nccl.bcast(buf.data.ptr, buf.size, kind, root, stream)
+                return
             host = self._host(buf)
             self.comm.Bcast(host, root=root)
             buf.set(host)
@@ -190,26 +203,38 @@ class World:
 
     # ------------------------------------------------------------------ NCCL (one GPU per rank)
     def _nccl_for(self, buf: Any) -> bool:
-        """True when buf can go through NCCL: cupy.cuda.nccl is importable and a communicator could be built."""
-        if self.nccl is False:
-            return False
+        """True when buf can go through NCCL (cupy.cuda.nccl importable on every rank); decided once, together."""
         if self.nccl is None:
             try:
                 from cupy.cuda import nccl
-                uid = nccl.get_unique_id() if self.rank == 0 else None
-                uid = self.comm.bcast(uid, root=0)
+                have = nccl.get_unique_id() if self.rank == 0 else True
+            except Exception:              # no NCCL in this CuPy build (or the emulation): host buffers
+                nccl, have = None, None
+            every = self.comm.allgather(have is not None)
+            uid = self.comm.bcast(have if self.rank == 0 else None, root=0)
+            self.nccl = False
+            if all(every):                 # NcclCommunicator() is itself collective: only when all can
                 self.nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
-            except Exception:                  # no NCCL in this CuPy build (or emulation): host buffers
-                self.nccl = False
-                return False
-        return True
+        return self.nccl is not False
 
-    def _nccl_allreduce(self, buf: Any) -> None:
+    def _nccl_args(self, buf: Any) -> tuple[Any, int, int]:
+        """(the nccl module, the current stream, buf's NCCL dtype): NCCL runs in the compute stream's order."""
         from cupy.cuda import nccl
         import cupy
         kind = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}[buf.dtype]
-        stream = cupy.cuda.get_current_stream()
-        self.nccl.allReduce(buf.data.ptr, buf.data.ptr, buf.size, kind, nccl.NCCL_SUM, stream.ptr)
+        return nccl, cupy.cuda.get_current_stream().ptr, kind
+
+    def _nccl_allreduce(self, buf: Any) -> None:
+        nccl, stream, kind = self._nccl_args(buf)
+        self.nccl.allReduce(buf.data.ptr, buf.data.ptr, buf.size, kind, nccl.NCCL_SUM, stream)
+
+    def use_local_gpu(self) -> None:
+        """One GPU per rank: rank i of a node takes device i % (devices on the node)."""
+        if self.size == 1:
+            return
+        import cupy
+        local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
+        cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()).use()
 
 
 # ---------------------------------------------------------------------- the command line's world

@@ -10,6 +10,7 @@ name), so a checkpoint resumes under any number of ranks; `load_state_dict()` ta
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ class ZeroOptimizer:
         self._pack()
         shard = {f"bucket{i}": f[s] for i, (f, s) in enumerate(zip(self.pflat, self.blocks))}
         self.inner = type(base)(shard, **base.hyperparameters())
+        self.comm_wait = 0.0                  # seconds in the parameters' allgather
 
     # the trainer sets the learning rate per step
     @property
@@ -51,7 +53,9 @@ class ZeroOptimizer:
         self._pack()                          # params may have been set from outside (a resume)
         self.inner.step(shards)
         for b, f in zip(self.buckets, self.pflat):
+            t = time.perf_counter()
             self.world.allgather_(f)
+            self.comm_wait += time.perf_counter() - t
             for n in b.names:
                 self.params[n][...] = b.view(n, f)
 

@@ -16,6 +16,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import npllama  # noqa: E402
+from npllama.backend import to_host  # noqa: E402
 from npllama.config import LlamaConfig  # noqa: E402
 from npllama.io.safetensors import save_file  # noqa: E402
 from npllama.train.distributed import Parallel, World  # noqa: E402
@@ -42,17 +43,18 @@ def main() -> None:
     ap.add_argument("--bucket-bytes", type=int, default=20000)      # several buckets even for this tiny model
     ap.add_argument("--untied", action="store_true")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--backend", default="numpy")
     ap.add_argument("--save-every", type=int, default=0)
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds after each step (a run slow enough to kill)")
     a = ap.parse_args()
     world = World.from_env()
     conf = dict(CONF, tie_word_embeddings=not a.untied)
-    model = npllama.Llama.init(LlamaConfig(**conf), seed=1, dtype="float64")
+    model = npllama.Llama.init(LlamaConfig(**conf), seed=1, dtype="float64", backend=a.backend)
     seen = []
     inner = model.loss_and_grads
 
     def spy(ids, targets, **kw):
-        seen.append(np.array(ids))
+        seen.append(to_host(ids))
         return inner(ids, targets, **kw)
     model.loss_and_grads = spy
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch, seq_len=10, accum=a.accum, lr=2e-2, min_lr=2e-3, warmup=1,
@@ -70,7 +72,7 @@ def main() -> None:
     with open(os.path.join(a.out, f"moments_rank{world.rank}.json"), "w") as f:
         json.dump({"bytes": nbytes, "buckets": len(tr.dp.buckets) if tr.dp else 0}, f)
     if world.is_main:
-        save_file({k: np.ascontiguousarray(v) for k, v in model.params.items()}, os.path.join(a.out, "params.safetensors"))
+        save_file({k: np.ascontiguousarray(to_host(v)) for k, v in model.params.items()}, os.path.join(a.out, "params.safetensors"))
 
 
 if __name__ == "__main__":
