@@ -214,7 +214,12 @@ class World:
             uid = self.comm.bcast(have if self.rank == 0 else None, root=0)
             self.nccl = False
             if all(every):                 # NcclCommunicator() is itself collective: only when all can
-                self.nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
+                try:
+                    made = nccl.NcclCommunicator(self.size, uid, self.rank)
+                except Exception:          # e.g. two ranks on one GPU, which NCCL refuses
+                    made = None
+                if all(self.comm.allgather(made is not None)):
+                    self.nccl = made
         return self.nccl is not False
 
     def _nccl_args(self, buf: Any) -> tuple[Any, int, int]:
