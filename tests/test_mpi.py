@@ -282,3 +282,59 @@ def test_cupy_arrays_through_host_buffers_under_the_emulation(reference, tmp_pat
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert rel(params(out), params(reference[False])) <= 1e-12
+
+
+def test_overlap_starts_each_bucket_during_the_backward_from_the_top():
+    """In process, a stand-in world of 2 ranks records when each bucket's reduction starts."""
+    import npllama
+    from npllama.config import LlamaConfig
+    from npllama.train.distributed import DataParallel, World
+    events = []
+
+    class Recorder(World):
+        def __init__(self):
+            super().__init__()
+            self.size = 2
+
+        def iallreduce_(self, buf):
+            events.append(("launch", id(buf)))
+            return lambda: None
+
+        def sum(self, x):
+            return float(x)
+    model = npllama.Llama.init(LlamaConfig(**CONF_CLI), seed=0, dtype="float64")
+    inner = model.loss_and_grads
+
+    def spy(ids, targets, on_grads=None, **kw):
+        def hook(g):
+            events.append(("grads", tuple(g)))
+            on_grads(g)
+        return inner(ids, targets, on_grads=hook if on_grads else None, **kw)
+    model.loss_and_grads = spy
+    dp = DataParallel(Recorder(), model, list(model.params), overlap=True, bucket_bytes=4000)
+    assert len(dp.buckets) >= 3
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 61, (4, 8))
+    for last in (False, True):           # two accumulated micro-batches: only the last one reduces
+        dp.loss_and_grads(model, ids, ids, 0.5, last=last)
+    launches = [i for i, e in enumerate(events) if e[0] == "launch"]
+    grads = [i for i, e in enumerate(events) if e[0] == "grads"]
+    assert [e[1] for e in events if e[0] == "launch"] == [id(b.flat) for b in dp.buckets]   # each once, top first
+    assert launches[0] < grads[-1]                      # the first bucket went out while layers below remained
+    assert launches[0] > grads[len(grads) // 2 - 1]     # ... and not during the first micro-batch
+    # the top bucket holds the final norm and the last layer; the embedding comes last
+    assert "model.norm.weight" in dp.buckets[0].names and dp.buckets[-1].names[-1] == "model.embed_tokens.weight"
+    events.clear()
+    off = DataParallel(Recorder(), model, list(model.params), overlap=False, bucket_bytes=4000)
+    off.loss_and_grads(model, ids, ids, 1.0, last=True)
+    assert [e[0] for e in events] == ["launch"] * len(off.buckets)   # no callbacks: all after the backward
+
+
+def test_uncaught_exception_on_one_rank_ends_the_job():
+    # without MPI_Abort, rank 0 would wait in the barrier forever while rank 1 exits
+    code = ("from npllama.train.distributed import World\nw = World.from_env()\n"
+            "if w.rank == 1:\n    raise RuntimeError('rank 1 broke')\nw.barrier()\n")
+    t = time.time()
+    r = mpi(2, "-c", code, timeout=60)
+    assert r.returncode != 0 and "rank 1 broke" in r.stderr
+    assert time.time() - t < 30

@@ -83,7 +83,21 @@ class World:
             rank = _env_int(_ENV_RANK) or 0
             raise DistributedError(f"launched under mpiexec with {size} rank(s) (rank {rank}), but mpi4py is not "
                                    f"installed for {sys.executable}: pip install 'npllama[mpi]'") from None
-        return cls(MPI.COMM_WORLD, MPI)
+        world = cls(MPI.COMM_WORLD, MPI)
+        if world.size > 1:
+            world._abort_on_uncaught()
+        return world
+
+    def _abort_on_uncaught(self) -> None:
+        """An exception nobody catches ends every rank (MPI_Abort), not just this one while the rest wait forever."""
+        previous = sys.excepthook
+
+        def hook(kind: type, value: BaseException, tb: Any) -> None:
+            previous(kind, value, tb)
+            sys.stderr.flush()
+            if not issubclass(kind, KeyboardInterrupt):
+                self.comm.Abort(1)
+        sys.excepthook = hook
 
     @property
     def is_main(self) -> bool:
