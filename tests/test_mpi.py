@@ -338,3 +338,27 @@ def test_uncaught_exception_on_one_rank_ends_the_job():
     r = mpi(2, "-c", code, timeout=60)
     assert r.returncode != 0 and "rank 1 broke" in r.stderr
     assert time.time() - t < 30
+
+
+def test_cli_resume_under_two_ranks_and_one(cli_files, tmp_path):
+    """`run.py train --resume` from a step-2 checkpoint of a 2-rank ZeRO-1 run, under 2 ranks and under 1."""
+    from safetensors.numpy import load_file
+    from npllama.train.checkpoint import latest_checkpoint
+    out = tmp_path / "full"
+    common = [*cli_files, "--steps", "4", "--batch-size", "4", "--save-every", "2", "--dtype", "float64"]
+    r = mpi(2, "run.py", "train", *common, "--out", str(out), "--zero", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = load_file(str(out / "final" / "model.safetensors"))
+    for n in (2, 1):
+        cut = tmp_path / f"cut{n}"
+        shutil.copytree(out / "checkpoints", cut / "checkpoints")
+        shutil.rmtree(cut / "checkpoints" / "step_000004")           # as if stopped after step 2
+        (cut / "checkpoints" / "latest").write_text("step_000002\n")
+        shutil.copy(out / "history.jsonl", cut / "history.jsonl")
+        argv = ["run.py", "train", "--out", str(cut), "--resume"]
+        r = mpi(2, *argv) if n == 2 else solo(*argv)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "resumed from" in r.stdout and r.stdout.count("resumed from") == 1
+        assert latest_checkpoint(str(cut / "checkpoints")).endswith("step_000004")
+        got = load_file(str(cut / "final" / "model.safetensors"))
+        assert rel(got, want) <= 1e-12, n
