@@ -70,6 +70,7 @@ class World:
         self.rank = 0 if comm is None else comm.Get_rank()
         self.size = 1 if comm is None else comm.Get_size()
         self.nccl: Any = None            # a cupy.cuda.nccl communicator, made on first CuPy use where available
+        self._comm_stream: Any = None    # the CUDA stream non-blocking NCCL calls run on
 
     @classmethod
     def from_env(cls) -> World:
@@ -127,9 +128,10 @@ class World:
         if self.size == 1:
             return lambda: None
         if is_cupy(buf):
-            if self._nccl_for(buf):           # NCCL runs on its own stream: it overlaps by itself
-                self._nccl_allreduce(buf)
-                return lambda: None
+            if self._nccl_for(buf):
+                nccl, _, kind = self._nccl_args(buf)
+                return self._on_comm_stream(lambda st: self.nccl.allReduce(buf.data.ptr, buf.data.ptr, buf.size,
+                                                                           kind, nccl.NCCL_SUM, st))
             host = self._host(buf)
             req = self.comm.Iallreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
 
@@ -147,9 +149,9 @@ class World:
             return lambda: None
         if is_cupy(buf):
             if self._nccl_for(buf):
-                nccl, stream, kind = self._nccl_args(buf)
-                self.nccl.reduceScatter(buf.data.ptr, out.data.ptr, out.size, kind, nccl.NCCL_SUM, stream)
-                return lambda: None
+                nccl, _, kind = self._nccl_args(buf)
+                return self._on_comm_stream(lambda st: self.nccl.reduceScatter(buf.data.ptr, out.data.ptr, out.size,
+                                                                               kind, nccl.NCCL_SUM, st))
             host, hout = self._host(buf), np.empty(out.shape, dtype=out.dtype)
             req = self.comm.Ireduce_scatter_block(host, hout, op=self.MPI.SUM)
 
@@ -242,6 +244,20 @@ class World:
         import cupy
         kind = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}[buf.dtype]
         return nccl, cupy.cuda.get_current_stream().ptr, kind
+
+    def _on_comm_stream(self, launch: Callable[[int], None]) -> Callable[[], None]:
+        """Run an NCCL call on a stream of its own, after the work queued so far (the gradients it reads), so
+        that it overlaps the backward still running on the compute stream; wait() makes the compute stream wait."""
+        import cupy
+        if self._comm_stream is None:
+            self._comm_stream = cupy.cuda.Stream(non_blocking=True)
+        ready = cupy.cuda.Event()
+        ready.record(cupy.cuda.get_current_stream())
+        self._comm_stream.wait_event(ready)
+        launch(self._comm_stream.ptr)
+        done = cupy.cuda.Event()
+        done.record(self._comm_stream)
+        return lambda: cupy.cuda.get_current_stream().wait_event(done)
 
     def _nccl_allreduce(self, buf: Any) -> None:
         nccl, stream, kind = self._nccl_args(buf)
