@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds after each step (a run slow enough to kill)")
     a = ap.parse_args()
     world = World.from_env()
+    if a.backend == "cupy":
+        world.use_local_gpu()
     conf = dict(CONF, tie_word_embeddings=not a.untied)
     model = npllama.Llama.init(LlamaConfig(**conf), seed=1, dtype="float64", backend=a.backend)
     seen = []
@@ -70,7 +72,7 @@ def main() -> None:
     if nbytes is None:
         nbytes = sum(int(v.nbytes) for s in tr.opt.state.values() for k, v in s.items() if k != "step" and v is not None)
     with open(os.path.join(a.out, f"moments_rank{world.rank}.json"), "w") as f:
-        json.dump({"bytes": nbytes, "buckets": len(tr.dp.buckets) if tr.dp else 0}, f)
+        json.dump({"bytes": nbytes, "buckets": len(tr.dp.buckets) if tr.dp else 0, "nccl": bool(world.nccl)}, f)
     if world.is_main:
         save_file({k: np.ascontiguousarray(to_host(v)) for k, v in model.params.items()}, os.path.join(a.out, "params.safetensors"))
 
