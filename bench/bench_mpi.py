@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the machinery)")
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--quick", action="store_true", help="--steps 2")
+    ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"), help="where mpi.json / mpi.md go")
     a = ap.parse_args()
     if a.quick:
         a.steps = 2
@@ -146,7 +147,7 @@ def main() -> None:
                      f"{r['exposed_comm_s']:.4f} | {r.get('hidden_comm_s', 0):.4f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    res = os.path.join(ROOT, "bench", "results")
+    res = a.results
     os.makedirs(res, exist_ok=True)
     with open(os.path.join(res, "mpi.json"), "w") as f:
         json.dump(rows, f, indent=1)

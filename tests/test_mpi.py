@@ -364,3 +364,13 @@ def test_cli_resume_under_two_ranks_and_one(cli_files, tmp_path):
         assert latest_checkpoint(str(cut / "checkpoints")).endswith("step_000004")
         got = load_file(str(cut / "final" / "model.safetensors"))
         assert rel(got, want) <= 1e-12, n
+
+
+def test_bench_mpi_machinery_on_a_tiny_model(tmp_path):
+    r = solo(os.path.join(REPO, "bench", "bench_mpi.py"), "--tiny", "--steps", "1", "--batch", "4", "--seq", "8",
+             "--tmp", str(tmp_path / "runs"), "--results", str(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.load(open(tmp_path / "mpi.json"))
+    assert [(x["ranks"], x["overlap"], x["zero"]) for x in rows][2:] == [(2, False, 0), (2, True, 0), (2, True, 0),
+                                                                         (2, True, 1)]
+    assert all(x["tok_per_s"] > 0 for x in rows) and rows[-1]["buckets"] >= 1
