@@ -1,11 +1,11 @@
 """ZeRO-1: the optimizer's moments sharded over the ranks.
 
 The gradients arrive reduce-scattered (npllama.train.distributed): of each flat bucket, rank r holds
-the summed block r. Rank r keeps the parameters of that block in a flat copy and runs the very
-optimizer of npllama.train.optim on it (AdamW's arithmetic is elementwise, so a block of a flat
-array updates exactly as the tensors it cuts through would), then every rank's block is gathered
-back into the buckets' parameter copies and unpacked into model.params. Each rank thus stores
-~1/N of the moments. `state_dict()` gathers them into the one-process format (per parameter
+the summed block r. Rank r copies the parameters of that block into a flat array of its own and runs
+the very optimizer of npllama.train.optim on it (AdamW's arithmetic is elementwise, so a block of a
+flat array updates exactly as the tensors it cuts through would); then the updated blocks are gathered
+in place in the gradient buckets (free once reduce-scattered) and unpacked into model.params. Each rank
+thus stores 1/N of the moments and of the parameters' flat copy. `state_dict()` gathers them into the one-process format (per parameter
 name), so a checkpoint resumes under any number of ranks; `load_state_dict()` takes that format.
 """
 from __future__ import annotations
@@ -26,12 +26,11 @@ class ZeroOptimizer:
     def __init__(self, base: Optimizer, world: World, buckets: list[Bucket], params: dict[str, Any]) -> None:
         self.world, self.buckets, self.params = world, buckets, params
         self.base_type = type(base)
-        self.pflat = [b.flat.copy() for b in buckets]       # each bucket's parameters, flat (padded)
         n = world.size
         self.blocks = [slice(world.rank * b.padded // n, (world.rank + 1) * b.padded // n) for b in buckets]
+        self.shards = [b.flat[s].copy() for b, s in zip(buckets, self.blocks)]   # this rank's parameters, flat
         self._pack()
-        shard = {f"bucket{i}": f[s] for i, (f, s) in enumerate(zip(self.pflat, self.blocks))}
-        self.inner = type(base)(shard, **base.hyperparameters())
+        self.inner = type(base)({f"bucket{i}": p for i, p in enumerate(self.shards)}, **base.hyperparameters())
         self.comm_wait = 0.0                  # seconds in the parameters' allgather
 
     # the trainer sets the learning rate per step
@@ -43,21 +42,31 @@ class ZeroOptimizer:
     def lr(self, v: float) -> None:
         self.inner.lr = v
 
+    def _pieces(self, i: int) -> Any:
+        """(name, slice of params[name] flattened, slice of shard i) for each parameter overlapping block i."""
+        b, blk = self.buckets[i], self.blocks[i]
+        for n in b.names:
+            a, e, _ = b.slots[n]
+            lo, hi = max(a, blk.start), min(e, blk.stop)
+            if lo < hi:
+                yield n, slice(lo - a, hi - a), slice(lo - blk.start, hi - blk.start)
+
     def _pack(self) -> None:
-        for b, f in zip(self.buckets, self.pflat):
-            for n in b.names:
-                b.view(n, f)[...] = self.params[n]
+        for i, shard in enumerate(self.shards):
+            for n, src, dst in self._pieces(i):
+                shard[dst] = self.params[n].reshape(-1)[src]
 
     def step(self, shards: dict[str, Any]) -> None:
         """Update this rank's blocks with their reduced gradients, then gather every block into model.params."""
         self._pack()                          # params may have been set from outside (a resume)
         self.inner.step(shards)
-        for b, f in zip(self.buckets, self.pflat):
+        for b, blk, shard in zip(self.buckets, self.blocks, self.shards):
+            b.flat[blk] = shard                # the gradients in b.flat are spent: it takes the parameters
             t = time.perf_counter()
-            self.world.allgather_(f)
+            self.world.allgather_(b.flat)
             self.comm_wait += time.perf_counter() - t
             for n in b.names:
-                self.params[n][...] = b.view(n, f)
+                self.params[n][...] = b.view(n)
 
     @property
     def state_nbytes(self) -> int:
@@ -84,7 +93,7 @@ class ZeroOptimizer:
                     for n in b.names:
                         per[n][key] = None
                     continue
-                full = self.pflat[i].copy()
+                full = get_array_module(val).zeros(b.padded, dtype=val.dtype)
                 full[self.blocks[i]] = val
                 self.world.allgather_(full)
                 for n in b.names:
@@ -113,7 +122,7 @@ class ZeroOptimizer:
                 raise ValueError(f"optimizer state: parameters of one bucket at different steps {sorted(steps)}")
             new: dict[str, Any] = {"step": steps.pop()}
             keys = {k for n in b.names for k in sd["state"][n] if k != "step"}
-            dt = self.pflat[i].dtype
+            dt = self.shards[i].dtype
             for key in keys:
                 vals = [sd["state"][n].get(key) for n in b.names]
                 if any(v is None for v in vals):
@@ -126,7 +135,7 @@ class ZeroOptimizer:
                         raise ValueError(f"optimizer state {key!r} of {n!r} has shape {tuple(v.shape)}, "
                                          f"parameter has {shape}")
                     full[a:e] = to_host(v).ravel()
-                new[key] = to_device(full[self.blocks[i]], get_array_module(self.pflat[i]), dt).copy()
+                new[key] = to_device(full[self.blocks[i]], get_array_module(self.shards[i]), dt).copy()
             self.inner.state[f"bucket{i}"] = new
 
 
