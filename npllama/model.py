@@ -310,9 +310,11 @@ class Llama:
         return self.params["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
 
     @_tf32_scope
-    def loss_and_grads(self, ids: Any, targets: Any, ignore_index: int = -100) -> tuple[float, dict[str, Any]]:
+    def loss_and_grads(self, ids: Any, targets: Any, ignore_index: int = -100,
+                       on_grads: Any = None) -> tuple[float, dict[str, Any]]:
         """Mean cross-entropy of `targets` (already the next tokens; ignore_index skipped) and the gradient of
-        every trainable parameter (`model.trainable`; LoRA dropout, if any, is applied here only)."""
+        every trainable parameter (`model.trainable`; LoRA dropout, if any, is applied here only).
+        on_grads: called with each layer's final gradients during the backward (npllama.transformer.backward)."""
         targets = self._check_targets(ids, targets)
         ids = self._check_ids(ids)
         unknown = sorted(self.trainable - set(self.params))
@@ -326,7 +328,7 @@ class Llama:
         loss, lcache = self.ops.loss(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)
         del logits                                             # the loss keeps what its backward needs
         dlogits = self.ops.loss_backward(1.0, lcache).reshape(B, T, V)
-        grads = transformer.backward(self.ops, dlogits, cache, self.config.tie_word_embeddings)
+        grads = transformer.backward(self.ops, dlogits, cache, self.config.tie_word_embeddings, on_grads)
         return loss, {k: grads[k] for k in self.params if k in self.trainable}   # same order as params
 
     def loss(self, ids: Any, targets: Any, ignore_index: int = -100) -> float:

@@ -8,7 +8,7 @@ captured as a CUDA graph, `npllama.fast.decode.CudaOps`.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from npllama.layers import attention, embedding, linear, loss, mlp, rmsnorm
 
@@ -141,21 +141,35 @@ def forward(ops: Any, w: Weights, ids: Any, ctx: Context, keep: bool = False,
     return logits, (Cache(ce, blocks, cn, cl, w.frozen) if keep else None)
 
 
-def backward(ops: Any, dlogits: Any, cache: Cache, tied: bool) -> dict[str, Any]:
+def backward(ops: Any, dlogits: Any, cache: Cache, tied: bool,
+             on_grads: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Gradients of every weight from dlogits (B, T, V), keyed by Hugging Face names: the forward in reverse.
 
-    Frozen weights (cache.frozen) get none; the products that would only serve them are skipped."""
+    Frozen weights (cache.frozen) get none; the products that would only serve them are skipped.
+    on_grads, if given, is called with each group of final gradients as soon as it is done (the final
+    norm and untied head, then each layer from the top, then the embedding): data parallel training
+    starts reducing them while the layers below are still being differentiated."""
     grads: dict[str, Any] = {}
     dh, dW_head, _ = ops.linear_backward(dlogits, cache.lm_head)             # dW_head None when frozen
     dx, grads["model.norm.weight"] = ops.rmsnorm_backward(dh, cache.norm)
+    if on_grads is not None:
+        top = {"model.norm.weight": grads["model.norm.weight"]}
+        if not tied and dW_head is not None:
+            top["lm_head.weight"] = dW_head
+        on_grads({k: v for k, v in top.items() if k not in cache.frozen})
     for i in reversed(range(len(cache.layers))):
         dx, g = block_backward(ops, dx, cache.layers[i])
-        grads.update({f"model.layers.{i}.{k}": v for k, v in g.items()})
+        g = {f"model.layers.{i}.{k}": v for k, v in g.items()}
+        grads.update(g)
+        if on_grads is not None:
+            on_grads({k: v for k, v in g.items() if k not in cache.frozen})
     if "model.embed_tokens.weight" not in cache.frozen:
         dW_emb = ops.embedding_backward(dx, cache.embed_tokens)
         if tied:
             dW_emb += dW_head                                 # one matrix, two uses: the gradients add
         grads["model.embed_tokens.weight"] = dW_emb
+        if on_grads is not None:
+            on_grads({"model.embed_tokens.weight": dW_emb})
     if not tied and dW_head is not None:
         grads["lm_head.weight"] = dW_head
     return {k: v for k, v in grads.items() if k not in cache.frozen}

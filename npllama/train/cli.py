@@ -64,6 +64,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, defaults: dict[str, 
     h.add_argument("--optimizer", choices=("adamw", "sgd"), default=None, help=f"[{d.optimizer}]")
     h.add_argument("--dtype", choices=("float32", "float64"), default=None, help="compute dtype [float32]")
     h.add_argument("--backend", choices=("numpy", "cupy"), default="numpy", help="array backend [numpy]")
+    mp = parser.add_argument_group("several processes (mpiexec -n N python run.py train ...)")
+    mp.add_argument("--zero", type=int, choices=(0, 1), default=0,
+                    help="1: shard the optimizer's moments over the ranks (ZeRO-1) [0]")
+    mp.add_argument("--no-overlap", action="store_true",
+                    help="reduce the gradients after the backward, not during it")
+    mp.add_argument("--bucket-mb", type=float, default=25.0, help="MB of gradients per allreduce [25]")
 
 
 def _settings(args: argparse.Namespace, base: dict[str, Any] | None = None) -> tuple[TrainConfig, list[str]]:
@@ -143,16 +149,24 @@ def _tokens(args: argparse.Namespace, vocab_size: int) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run `train` with parsed arguments; returns the exit code (0 done, 1 diverged); user mistakes raise."""
+    from npllama.train.distributed import check_agreement, cli_world, rank_errors
     from npllama.train.outdir import claim_output
-    with claim_output(args.out):      # one trainer per --out; a second one fails here, naming the folder
-        return _run(args)
+    world = cli_world()               # one process, or the ranks of mpiexec (npllama.train.distributed)
+    with rank_errors(world):
+        check_agreement(world, arguments={k: v for k, v in vars(args).items() if not callable(v)})
+        if not world.is_main:         # rank 0 owns --out; the others only read it
+            return _run(args, world)
+        with claim_output(args.out):  # one trainer per --out; a second one fails here, naming the folder
+            return _run(args, world)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, world: Any = None) -> int:
     from npllama.config import LlamaConfig
     from npllama.model import Llama
     from npllama.train.checkpoint import latest_checkpoint, load_checkpoint
     # user mistakes raise NpllamaError, which npllama.cli.main reports in one line with exit code 2
+    if world is not None and world.size > 1 and args.backend == "cupy":
+        world.use_local_gpu()         # before any array is made: one GPU per rank
     saved = None
     if args.resume:
         path = latest_checkpoint(os.path.join(args.out, "checkpoints")) if args.resume == "latest" else args.resume
@@ -181,14 +195,37 @@ def _run(args: argparse.Namespace) -> int:
             model = Llama.from_pretrained(args.model, dtype=dtype, backend=args.backend)
     if not args.data:
         raise UsageError("--data is required")
-    tf = _tokens(args, model.config.vocab_size)
+    if world is None or world.size == 1:
+        tf = _tokens(args, model.config.vocab_size)
+    else:                             # rank 0 tokenizes text once; the others then read its token file
+        tf = _tokens(args, model.config.vocab_size) if world.is_main else None
+        world.barrier()
+        tf = tf or _tokens(args, model.config.vocab_size)
     train, val = tf.split(args.val_fraction)
     print(f"model: {model}; train {len(train):,} tokens, validation {len(val):,}", flush=True)
     run_meta = {"data": [os.path.abspath(d) for d in args.data], "tokenizer": args.tokenizer, "model": args.model}
-    trainer = Trainer(model, train, val, cfg, args.out, extra_state={"run": run_meta})
+    parallel = None
+    if world is not None and world.size > 1:
+        from npllama.train.distributed import Parallel
+        parallel = Parallel(world, getattr(args, "zero", 0), not getattr(args, "no_overlap", False),
+                            int(getattr(args, "bucket_mb", 25.0) * 2 ** 20))
+    trainer = Trainer(model, train, val, cfg, args.out, extra_state={"run": run_meta}, parallel=parallel)
     if args.resume:
         trainer.resume(path)
         print(f"resumed from {path} at step {trainer.step}", flush=True)
+    if parallel is not None:          # same settings, data, model and step on every rank, or none starts
+        from npllama.train.distributed import check_agreement, tokens_fingerprint
+        check_agreement(world, train_config=asdict(cfg), model_config=model.config.to_dict(), dtype=model.dtype.name,
+                        data=tokens_fingerprint(train), validation_data=tokens_fingerprint(val),
+                        start_step=trainer.step)
+        print(f"data parallel: {world.size} MPI ranks, {len(trainer.dp.buckets)} gradient buckets, "
+              f"zero={parallel.zero}, overlap={'on' if parallel.overlap else 'off'}", flush=True)
+    if not trainer.is_main:
+        try:
+            trainer.fit()
+        except TrainingDiverged:
+            return 1
+        return 0
     with atomic_path(os.path.join(args.out, "train_config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump({"train": asdict(cfg), "dtype": model.dtype.name, "backend": model.backend, **run_meta}, f, indent=1)
     try:

@@ -117,12 +117,19 @@ class Trainer:
     """Trains `model` on token arrays or SFT batches; `fit()` runs to cfg.steps, saving into `out_dir`."""
 
     def __init__(self, model: Any, train_tokens: Any, val_tokens: Any, cfg: TrainConfig,
-                 out_dir: str, log: TextIO | None = None, extra_state: dict[str, Any] | None = None) -> None:
+                 out_dir: str, log: TextIO | None = None, extra_state: dict[str, Any] | None = None,
+                 parallel: Any = None) -> None:
         """train_tokens: a token array, or a batcher of (inputs, targets) (npllama.train.sft.SFTBatcher);
-        val_tokens: a token array, held-out conversations (npllama.train.sft.SFTEval), or None."""
+        val_tokens: a token array, held-out conversations (npllama.train.sft.SFTEval), or None;
+        parallel: npllama.train.distributed.Parallel under mpiexec, else None."""
         self.model, self.cfg, self.out_dir = model, cfg, out_dir
         self.ckpt_dir = os.path.join(out_dir, "checkpoints")
         self.log = log or sys.stdout
+        # data parallel (npllama.train.distributed.Parallel, under mpiexec): only rank 0 logs, validates and writes
+        self.world = parallel.world if parallel is not None else None
+        self.is_main = self.world is None or self.world.is_main
+        if not self.is_main:
+            self.log, val_tokens = open(os.devnull, "w"), None
         self.extra_state = extra_state or {}
         self.sft = hasattr(train_tokens, "next") and hasattr(train_tokens, "state_dict")
         self.train = train_tokens if self.sft else \
@@ -137,6 +144,9 @@ class Trainer:
         # only what gets gradients: after lora.add the optimizer state is the adapter's alone
         trainable = {k: p for k, p in model.params.items() if k in model.trainable}
         self.opt: Optimizer = make_optimizer(cfg.optimizer, trainable, cfg.lr, cfg.weight_decay, **kw)
+        self.dp = None
+        if parallel is not None and parallel.world.size > 1:
+            self.dp, self.opt = parallel.attach(model, self.opt, cfg.batch_size)
         self.schedule = Schedule(cfg.lr, cfg.steps, cfg.warmup, cfg.min_lr, cfg.schedule)
         ctx = model.config.max_position_embeddings
         if cfg.seq_len > ctx:
@@ -159,12 +169,19 @@ class Trainer:
             counts = [int((y != -100).sum()) for _, y in batches]
             weights = [n / sum(counts) for n in counts]
         for i, (x, y) in enumerate(batches):
-            loss, grads = self.model.loss_and_grads(xp.asarray(x), xp.asarray(y))
-            self.tokens_seen += int(x.size)
+            w = 1 / cfg.accum if weights is None else weights[i]
+            if self.dp is not None:     # this rank's rows; the last micro-batch returns gradients summed over ranks
+                loss, G = self.dp.loss_and_grads(self.model, xp.asarray(x), xp.asarray(y), w,
+                                                 last=i == cfg.accum - 1)
+            else:
+                loss, grads = self.model.loss_and_grads(xp.asarray(x), xp.asarray(y))
+            self.tokens_seen += int(x.size)      # the global batch: every rank holds it whole
             loss = float(loss)
             if not math.isfinite(loss):
                 raise TrainingDiverged(self._diverged_msg(f"loss is {loss}"))
             total_loss += loss / cfg.accum if weights is None else loss * weights[i]
+            if self.dp is not None:
+                continue
             if cfg.accum == 1:
                 G = grads
             elif G is None:                                   # average the micro-batch gradients
@@ -173,7 +190,10 @@ class Trainer:
                 for k, g in grads.items():
                     G[k] += g / cfg.accum if weights is None else g * weights[i]
         assert G is not None
-        norm = clip_grad_norm(G, cfg.clip) if cfg.clip > 0 else grad_norm(G)
+        if self.dp is not None:
+            norm = self.dp.clip_grad_norm(G, cfg.clip)       # the global norm, the same on every rank
+        else:
+            norm = clip_grad_norm(G, cfg.clip) if cfg.clip > 0 else grad_norm(G)
         if not math.isfinite(norm):
             raise TrainingDiverged(self._diverged_msg(f"gradient norm is {norm}"))
         lr = self.schedule(self.step)
@@ -223,11 +243,14 @@ class Trainer:
         if bad is not None:   # such a checkpoint is never written, so `latest` and the "last good" one stay good
             raise TrainingDiverged(self._diverged_msg(f"parameter {bad!r} is not finite after the update",
                                                       where=f"step {self.step}", before=False))
+        opt_state = self.opt.state_dict()       # under ZeRO-1 a collective: every rank takes part
+        if not self.is_main:
+            return os.path.join(self.ckpt_dir, f"step_{self.step:06d}")
         state = {"train_config": asdict(self.cfg), "data": {"train": self.train.state_dict()},
                  "tokens_seen": self.tokens_seen, "dtype": m.dtype.name, **self.extra_state}
         if m.lora is not None:
             state["lora"], state["lora_draws"] = asdict(m.lora), int(m._lora_draws)
-        self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.step, params, self.opt.state_dict(),
+        self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.step, params, opt_state,
                                                m.config, state, keep=self.cfg.keep_checkpoints)
         self._write_history()
         return self.last_checkpoint
@@ -305,14 +328,17 @@ class Trainer:
                 tps = (self.tokens_seen - start_tokens) / elapsed if elapsed > 0 else float("nan")
                 eta = (end - self.step) * elapsed / done
                 bar = _bar(self.step / cfg.steps)
+                ranks = f" ({self.world.size} ranks)" if self.dp is not None else ""   # tok/s of all ranks together
                 print(f"{bar} step {self.step:>6}/{cfg.steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
-                      f"norm {rec['grad_norm']:.3f} | {tps:,.0f} tok/s | ETA {_fmt_time(eta)}", file=self.log, flush=True)
+                      f"norm {rec['grad_norm']:.3f} | {tps:,.0f} tok/s{ranks} | ETA {_fmt_time(eta)}", file=self.log,
+                      flush=True)
             if cfg.eval_every and has_val and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 rec = {**rec, "val_loss": self._record_eval()}
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
                 self.save()
-        self._write_history()
-        self.plot()
+        if self.is_main:
+            self._write_history()
+            self.plot()
         return rec
 
     def _record_eval(self) -> float:

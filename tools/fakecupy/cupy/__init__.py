@@ -624,6 +624,9 @@ class _Device:
     def synchronize(self):
         _no_sync("Device.synchronize()")
 
+    def use(self):
+        """Make this the current device (the emulation has one)."""
+
 
 class _Pool:
     def malloc(self, n):
