@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+import tiny_cli
 from conftest import REPO
 from npllama import cli
 from npllama.config import LlamaConfig
@@ -29,24 +30,13 @@ CTX = 64
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Paths the rows refer to: a tiny model with SmolLM2's vocabulary, one with NaN weights, a text, ..."""
-    from npllama.io.defaults import DefaultModelMissing, default_gguf
-    from npllama.io.gguf import write_tokenizer_gguf
-    try:
-        gguf = default_gguf()
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
+    gguf = tiny_cli.smol_gguf()
     root = tmp_path_factory.mktemp("bad-input")
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=CTX, eos_token_id=2,
-                      tie_word_embeddings=True)
-    tiny = root / "tiny"
-    Llama.init(cfg, seed=0, std=0.5).save_pretrained(str(tiny))
-    write_tokenizer_gguf(gguf, str(tiny / "tokenizer.gguf"))
-    nan = root / "nan"
+    cfg = tiny_cli.tiny_config(CTX)
+    tiny = tiny_cli.tiny_model(root / "tiny", gguf, CTX)
     m = Llama.init(cfg, seed=0, std=0.5)
     m.params["model.norm.weight"][...] = np.nan
-    m.save_pretrained(str(nan))
-    write_tokenizer_gguf(gguf, str(nan / "tokenizer.gguf"))
+    nan = tiny_cli.tiny_model(root / "nan", gguf, CTX, model=m)
     text = root / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
     full = root / "full"
@@ -55,7 +45,7 @@ def files(tmp_path_factory):
     (root / "config.json").write_text(json.dumps(cfg.to_dict()))
     plain = root / "plain.bin"
     plain.write_bytes(b"abc")
-    return {"tiny": str(tiny), "nan": str(nan), "text": str(text), "full": str(full), "root": str(root),
+    return {"tiny": tiny, "nan": nan, "text": str(text), "full": str(full), "root": str(root),
             "plain": str(plain), "config": str(root / "config.json")}
 
 

@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
+import tiny_cli
 from conftest import REPO
-from npllama.config import LlamaConfig
+from tiny_cli import one_line_error
 from npllama.model import Llama
 
 RUN = os.path.join(REPO, "run.py")
@@ -21,11 +22,7 @@ RUN = os.path.join(REPO, "run.py")
 
 @pytest.fixture(scope="module")
 def smol_gguf():
-    from npllama.io.defaults import DefaultModelMissing, default_gguf
-    try:
-        return default_gguf()
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
+    return tiny_cli.smol_gguf()
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +33,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smol_gguf):
     """A tiny random model folder with SmolLM2's vocabulary (its tokenizer.gguf made from the real GGUF)."""
-    from npllama.io.gguf import write_tokenizer_gguf
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=64, eos_token_id=2,
-                      tie_word_embeddings=True)
-    Llama.init(cfg, seed=0, std=0.5).save_pretrained(str(d))
-    write_tokenizer_gguf(smol_gguf, str(d / "tokenizer.gguf"))
-    return str(d)
+    return tiny_cli.tiny_model(tmp_path_factory.mktemp("tiny") / "model", smol_gguf)
 
 
 def run(*args, stdin=None, cache=None, check=None):
@@ -55,14 +45,6 @@ def run(*args, stdin=None, cache=None, check=None):
     if check is not None:
         assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
     return p
-
-
-def one_line_error(p, *words):
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    err = p.stderr.strip()
-    assert "Traceback" not in err and "\n" not in err, err
-    for w in words:
-        assert w in err, (w, err)
 
 
 # ---------------------------------------------------------------- help

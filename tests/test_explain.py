@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from tiny_cli import one_line_error
 from npllama.explain import MAX_TOKENS, PromptTooLong, explain
 from npllama.explain_html import QUANT, read_page_data, render, unpack_attention
 
@@ -157,14 +158,6 @@ class Ran:
         from npllama import cli
         self.returncode = cli.main(["explain", *args])
         self.stdout, self.stderr = capsys.readouterr()
-
-
-def one_line_error(p, *words):
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    err = p.stderr.strip()
-    assert "Traceback" not in err and "\n" not in err, err
-    for w in words:
-        assert w in err, (w, err)
 
 
 def test_cli_help_lists_explain():

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+import tiny_cli
 from npllama import Tokenizer, lora
 from npllama.cli import main
 from npllama.config import LlamaConfig
@@ -21,19 +22,7 @@ TARGETS = "q_proj,v_proj,down_proj"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random model folder with SmolLM2's vocabulary (its tokenizer.gguf made from the real GGUF)."""
-    from npllama.io.defaults import DefaultModelMissing, default_gguf
-    from npllama.io.gguf import write_tokenizer_gguf
-    try:
-        gguf = default_gguf()
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=64, eos_token_id=2,
-                      tie_word_embeddings=True)
-    Llama.init(cfg, seed=0, std=0.5).save_pretrained(str(d))
-    write_tokenizer_gguf(gguf, str(d / "tokenizer.gguf"))
-    return str(d)
+    return tiny_cli.tiny_model(tmp_path_factory.mktemp("tiny") / "model", tiny_cli.smol_gguf())
 
 
 @pytest.fixture(scope="module")
