@@ -535,3 +535,30 @@ def test_lora_dropout_masks_of_a_rank_are_its_rows_of_the_whole_batch():
     whole = keep_mask(Settings(1.0, 0.3, np.random.default_rng([5, 7])), (6, 3, 4), np.float64, np)
     mine = keep_mask(Settings(1.0, 0.3, np.random.default_rng([5, 7]), (2, 4, 6)), (2, 3, 4), np.float64, np)
     assert np.array_equal(mine, whole[2:4]) and 0 < (whole == 0).mean() < 1
+
+
+def test_finetune_ranks_with_different_conversations_stop_before_step_one(ft, tmp_path):
+    # the same arguments, but --data (a relative path) names another file on rank 1: its working directory differs
+    lines = open(ft["data"]).read().splitlines(keepends=True)
+    for rank, first in ((0, lines[0]), (1, lines[0].replace("It is", "It's"))):
+        (tmp_path / f"r{rank}").mkdir()
+        (tmp_path / f"r{rank}" / "chat.jsonl").write_text(first + "".join(lines[1:]))
+    argv = [sys.executable, os.path.join(REPO, "run.py"), *ft_args(ft, "o")[1:]]
+    argv[argv.index(ft["data"])] = "chat.jsonl"
+    r = subprocess.run([MPIEXEC, "-n", "1", "-wdir", str(tmp_path / "r0"), *argv,
+                        ":", "-n", "1", "-wdir", str(tmp_path / "r1"), *argv],
+                       env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert len(errors(r)) == 1, r.stderr
+    assert "MPI ranks disagree on the data: rank 1 differs from rank 0" in r.stderr
+    assert "step " not in r.stdout and not os.path.exists(tmp_path / "r0" / "o" / "checkpoints")
+
+
+def test_examples_fingerprint_sees_one_label():
+    from npllama.train.distributed import examples_fingerprint
+    from npllama.train.sft import Example
+    a = [Example(np.arange(9), np.array([-100] * 5 + [5, 6, 7, 8])) for _ in range(3)]
+    b = [Example(e.ids.copy(), e.labels.copy()) for e in a]
+    assert examples_fingerprint(a) == examples_fingerprint(b)
+    b[1].labels[5] = -100                      # the same tokens, one label fewer
+    assert examples_fingerprint(a) != examples_fingerprint(b)
