@@ -425,7 +425,7 @@ def ft_lora(ft):
         out = ft["root"] / f"lora{n}"
         r = solo(*ft_args(ft, out)) if n == 1 else mpi(2, *ft_args(ft, out))
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        runs[n] = (out, r.stdout)
+        runs[n] = (out, r.stdout, r.stderr)
     return runs
 
 
@@ -448,7 +448,9 @@ def test_finetune_lora_two_ranks_match_one_process(ft, ft_lora):
 
 
 def test_finetune_only_rank_zero_writes_and_prints(ft_lora):
-    one, (two, out2) = ft_lora[1][0], ft_lora[2]
+    """One progress log and one 'saved' line (rank 0's), the very files one process writes, its losses."""
+    one, (two, out2, err2) = ft_lora[1][0], ft_lora[2]
+    assert err2.strip() == "", err2             # rank 1 prints nothing either
     assert out2.count("saved the LoRA adapter") == 1 and out2.count("step      4/4 | loss") == 1
     assert out2.count("data: ") == 1 and out2.count("model: ") == 1
     assert tree(two) == tree(one)              # the same files as one process wrote, and no others
