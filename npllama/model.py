@@ -288,21 +288,22 @@ class Llama:
         return LayerWeights(p[pre + "input_layernorm.weight"], parts[0], p[pre + "post_attention_layernorm.weight"],
                             parts[1])
 
-    def weights(self, train: bool = False) -> Weights:
-        """Every weight the forward reads, by role (what npllama.transformer takes). train: LoRA dropout on."""
+    def weights(self, train: bool = False, rows: tuple[int, int, int] | None = None) -> Weights:
+        """Every weight the forward reads, by role (what npllama.transformer takes). train: LoRA dropout on;
+        rows (a, b, n): the batch is rows [a, b) of one of n rows (the dropout masks are the whole batch's)."""
         p = self.params
-        settings = self._lora_settings(train) if self.lora is not None else None
+        settings = self._lora_settings(train, rows) if self.lora is not None else None
         return Weights(p["model.embed_tokens.weight"],
                        [self.layer(i, settings) for i in range(self.config.num_hidden_layers)],
                        p["model.norm.weight"], self.lm_head, frozenset(p) - self.trainable)
 
-    def _lora_settings(self, train: bool) -> lora.Settings:
+    def _lora_settings(self, train: bool, rows: tuple[int, int, int] | None = None) -> lora.Settings:
         c = self.lora
         rng = None
         if train and c.dropout > 0:     # a fresh, reproducible draw per training call
             rng = np.random.default_rng([c.seed, self._lora_draws])
             self._lora_draws += 1
-        return lora.Settings(c.scale, c.dropout, rng)
+        return lora.Settings(c.scale, c.dropout, rng, rows)
 
     @property
     def lm_head(self) -> Any:
@@ -310,11 +311,12 @@ class Llama:
         return self.params["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
 
     @_tf32_scope
-    def loss_and_grads(self, ids: Any, targets: Any, ignore_index: int = -100,
-                       on_grads: Any = None) -> tuple[float, dict[str, Any]]:
+    def loss_and_grads(self, ids: Any, targets: Any, ignore_index: int = -100, on_grads: Any = None,
+                       rows: tuple[int, int, int] | None = None) -> tuple[float, dict[str, Any]]:
         """Mean cross-entropy of `targets` (already the next tokens; ignore_index skipped) and the gradient of
         every trainable parameter (`model.trainable`; LoRA dropout, if any, is applied here only).
-        on_grads: called with each layer's final gradients during the backward (npllama.transformer.backward)."""
+        on_grads: called with each layer's final gradients during the backward (npllama.transformer.backward);
+        rows (a, b, n): ids are rows [a, b) of a data-parallel batch of n rows (LoRA dropout masks its rows alone)."""
         targets = self._check_targets(ids, targets)
         ids = self._check_ids(ids)
         unknown = sorted(self.trainable - set(self.params))
@@ -322,7 +324,7 @@ class Llama:
             raise InputError(f"model.trainable names {unknown[0]!r}, which is not a parameter")
         if not self.trainable:
             raise InputError("model.trainable is empty: nothing would get a gradient")
-        logits, cache = transformer.forward(self.ops, self.weights(train=True), ids,
+        logits, cache = transformer.forward(self.ops, self.weights(train=True, rows=rows), ids,
                                             self._context(ids.shape, None, 0, None, None), keep=True)
         B, T, V = logits.shape
         loss, lcache = self.ops.loss(logits.reshape(B * T, V), targets.reshape(-1), ignore_index)

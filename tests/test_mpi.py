@@ -374,3 +374,193 @@ def test_bench_mpi_machinery_on_a_tiny_model(tmp_path):
     assert [(x["ranks"], x["overlap"], x["zero"]) for x in rows][2:] == [(2, False, 0), (2, True, 0), (2, True, 0),
                                                                          (2, True, 1)]
     assert all(x["tok_per_s"] > 0 for x in rows) and rows[-1]["buckets"] >= 1
+
+
+# ---------------------------------------------------------------------- run.py finetune under mpiexec
+@pytest.fixture(scope="module")
+def ft(tmp_path_factory):
+    """A tiny random model with SmolLM2's vocabulary and a chat JSONL whose answers differ in length."""
+    from npllama.io.defaults import DefaultModelMissing, default_gguf
+    from npllama.io.gguf import write_tokenizer_gguf
+    from npllama.config import LlamaConfig
+    from npllama.model import Llama
+    try:
+        gguf = default_gguf()
+    except DefaultModelMissing as e:
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("ft")
+    model = root / "model"
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=49152, max_position_embeddings=64, eos_token_id=2,
+                      tie_word_embeddings=True)
+    Llama.init(cfg, seed=0, std=0.5).save_pretrained(str(model))
+    write_tokenizer_gguf(gguf, str(model / "tokenizer.gguf"))
+    r = np.random.default_rng(0)
+    with open(root / "chat.jsonl", "w") as f:
+        for _ in range(12):
+            a, b = (int(v) for v in r.integers(1, 50, 2))
+            more = " ".join(["indeed"] * int(r.integers(0, 8)))      # unequal labelled tokens per row
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                             {"role": "assistant", "content": f"It is {a + b}. {more}"}]}) + "\n")
+    return {"model": str(model), "data": str(root / "chat.jsonl"), "root": root}
+
+
+def ft_args(ft, out, *more, lora=True):
+    adapter = ["--lora-r", "2", "--lora-targets", "q_proj,v_proj,down_proj", "--lora-dropout", "0.1"]
+    return ["run.py", "finetune", "--model", ft["model"], "--data", ft["data"], "--out", str(out), "--steps", "4",
+            "--batch-size", "4", "--accum", "2", "--seq-len", "56", "--lr", "1e-2", "--dtype", "float64",
+            *(adapter if lora else []), "--save-every", "2", "--eval-every", "2", "--eval-batches", "1",
+            "--log-every", "1", *more]
+
+
+def tree(out):
+    return sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+
+
+@pytest.fixture(scope="module")
+def ft_lora(ft):
+    """The same LoRA fine-tuning (dropout, accumulation, eval) by one process and by 2 ranks: {n: (out, stdout)}."""
+    runs = {}
+    for n in (1, 2):
+        out = ft["root"] / f"lora{n}"
+        r = solo(*ft_args(ft, out)) if n == 1 else mpi(2, *ft_args(ft, out))
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        runs[n] = (out, r.stdout, r.stderr)
+    return runs
+
+
+def test_finetune_lora_two_ranks_match_one_process(ft, ft_lora):
+    from safetensors.numpy import load_file
+    from npllama import Tokenizer
+    from npllama.train.sft import SFTBatcher, load_sft, split
+    one, two = (load_file(str(ft_lora[n][0] / "final" / "adapter_model.safetensors")) for n in (1, 2))
+    assert set(one) == set(two) and len(one) == 12
+    err = rel(two, one)
+    print(f"LoRA finetune, 2 ranks vs 1 process: max relative difference {err:.2e}")
+    assert err <= 1e-12
+    assert min(float(np.abs(v).max()) for k, v in one.items() if "lora_B" in k) > 1e-4   # B starts at 0: it moved
+    # the ranks' halves of the global batches count different numbers of labelled targets
+    examples, _ = load_sft(ft["data"], Tokenizer.from_pretrained(ft["model"]), 56)
+    b = SFTBatcher(split(examples, 0.1)[0], 4, seed=0)
+    counts = [(int((y[:2] != -100).sum()), int((y[2:] != -100).sum())) for y in (b.next()[1] for _ in range(8))]
+    assert sum(c0 != c1 for c0, c1 in counts) >= 6, counts
+    assert "data parallel: 2 MPI ranks" in ft_lora[2][1]
+
+
+def test_finetune_only_rank_zero_writes_and_prints(ft_lora):
+    """One progress log and one 'saved' line (rank 0's), the very files one process writes, its losses."""
+    one, (two, out2, err2) = ft_lora[1][0], ft_lora[2]
+    assert err2.strip() == "", err2             # rank 1 prints nothing either
+    assert out2.count("saved the LoRA adapter") == 1 and out2.count("step      4/4 | loss") == 1
+    assert out2.count("data: ") == 1 and out2.count("model: ") == 1
+    assert tree(two) == tree(one)              # the same files as one process wrote, and no others
+    assert sorted(os.listdir(two / "final")) == ["adapter_config.json", "adapter_model.safetensors"]
+    h1 = [json.loads(x) for x in open(one / "history.jsonl")]
+    h2 = [json.loads(x) for x in open(two / "history.jsonl")]
+    assert [h["step"] for h in h2] == [h["step"] for h in h1]
+    for a, b in zip(h1, h2):                   # the logged losses: the global batch's, on rank 0
+        for k in ("loss", "val_loss"):
+            if k in a:
+                assert abs(a[k] - b[k]) <= 1e-12 * abs(a[k]), (k, a, b)
+
+
+def test_finetune_lora_checkpoint_of_two_ranks_resumes_in_one_process(ft_lora, tmp_path):
+    from safetensors.numpy import load_file
+    from npllama.train.checkpoint import latest_checkpoint
+    two = ft_lora[2][0]
+    cut = tmp_path / "cut"
+    shutil.copytree(two / "checkpoints", cut / "checkpoints")
+    shutil.rmtree(cut / "checkpoints" / "step_000004")             # as if stopped after step 2
+    (cut / "checkpoints" / "latest").write_text("step_000002\n")
+    shutil.copy(two / "history.jsonl", cut / "history.jsonl")
+    r = solo("run.py", "finetune", "--out", str(cut), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout and latest_checkpoint(str(cut / "checkpoints")).endswith("step_000004")
+    want = load_file(str(ft_lora[1][0] / "final" / "adapter_model.safetensors"))      # uninterrupted, 1 process
+    halfway = load_file(str(cut / "checkpoints" / "step_000002" / "model.safetensors"))
+    assert rel(load_file(str(cut / "final" / "adapter_model.safetensors")), want) <= 1e-12
+    end = load_file(str(ft_lora[1][0] / "checkpoints" / "step_000004" / "model.safetensors"))
+    assert set(halfway) == set(end) and rel(halfway, end) > 1e-4     # the first half alone is not the answer
+
+
+@pytest.mark.parametrize("zero", [1, 0])
+def test_finetune_full_two_ranks_match_one_process(ft, tmp_path, zero):
+    from safetensors.numpy import load_file
+    full = ["--full", "--lr", "1e-3", "--steps", "2", "--eval-every", "0"]
+    one = solo(*ft_args(ft, tmp_path / "one", *full, lora=False))
+    two = mpi(2, *ft_args(ft, tmp_path / "two", *full, "--zero", str(zero), lora=False))
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    assert two.stdout.count("saved the fine-tuned model") == 1 and f"zero={zero}" in two.stdout
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    init = load_file(os.path.join(ft["model"], "model.safetensors"))
+    err = rel(b, a)
+    print(f"--full --zero {zero}, 2 ranks vs 1 process: max relative difference {err:.2e}")
+    assert err <= 1e-12 and rel(a, {k: v.astype(np.float64) for k, v in init.items()}) > 1e-4
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")
+
+
+def test_finetune_batch_not_divisible_by_ranks(ft, tmp_path):
+    r = mpi(2, *ft_args(ft, tmp_path / "o", "--batch-size", "3"), timeout=60)
+    assert r.returncode == 2
+    assert len(errors(r)) == 1, r.stderr
+    assert "--batch-size 3" in r.stderr and "2 MPI ranks" in r.stderr
+    assert not os.path.exists(tmp_path / "o" / "checkpoints")
+
+
+def test_lora_buckets_hold_the_adapter_alone():
+    """Parallel.attach buckets model.trainable only: a LoRA run reduces the adapter's gradients, not the base's."""
+    import npllama
+    from npllama import lora
+    from npllama.config import LlamaConfig
+    from npllama.train.distributed import Parallel, World
+    from npllama.train.optim import make_optimizer
+
+    class TwoRanks(World):           # a stand-in: collectives are no-ops, the shapes are those of 2 ranks
+        def __init__(self):
+            super().__init__()
+            self.size = 2
+
+        def bcast_(self, buf, root=0):
+            pass
+    model = npllama.Llama.init(LlamaConfig(**CONF_CLI), seed=0, dtype="float64")
+    lora.add(model, r=2, targets=["q_proj", "down_proj"])
+    opt = make_optimizer("adamw", {k: p for k, p in model.params.items() if k in model.trainable}, 1e-3, 0.0)
+    dp, _ = Parallel(TwoRanks(), bucket_bytes=1000).attach(model, opt, 4)
+    names = [n for b in dp.buckets for n in b.names]
+    assert sorted(names) == sorted(model.trainable) and len(names) == 8
+    assert sum(b.numel for b in dp.buckets) == sum(int(model.params[n].size) for n in model.trainable)
+
+
+def test_lora_dropout_masks_of_a_rank_are_its_rows_of_the_whole_batch():
+    from npllama.layers.lora import Settings, keep_mask
+    whole = keep_mask(Settings(1.0, 0.3, np.random.default_rng([5, 7])), (6, 3, 4), np.float64, np)
+    mine = keep_mask(Settings(1.0, 0.3, np.random.default_rng([5, 7]), (2, 4, 6)), (2, 3, 4), np.float64, np)
+    assert np.array_equal(mine, whole[2:4]) and 0 < (whole == 0).mean() < 1
+
+
+def test_finetune_ranks_with_different_conversations_stop_before_step_one(ft, tmp_path):
+    # the same arguments, but --data (a relative path) names another file on rank 1: its working directory differs
+    lines = open(ft["data"]).read().splitlines(keepends=True)
+    for rank, first in ((0, lines[0]), (1, lines[0].replace("It is", "It's"))):
+        (tmp_path / f"r{rank}").mkdir()
+        (tmp_path / f"r{rank}" / "chat.jsonl").write_text(first + "".join(lines[1:]))
+    argv = [sys.executable, os.path.join(REPO, "run.py"), *ft_args(ft, "o")[1:]]
+    argv[argv.index(ft["data"])] = "chat.jsonl"
+    r = subprocess.run([MPIEXEC, "-n", "1", "-wdir", str(tmp_path / "r0"), *argv,
+                        ":", "-n", "1", "-wdir", str(tmp_path / "r1"), *argv],
+                       env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert len(errors(r)) == 1, r.stderr
+    assert "MPI ranks disagree on the data: rank 1 differs from rank 0" in r.stderr
+    assert "step " not in r.stdout and not os.path.exists(tmp_path / "r0" / "o" / "checkpoints")
+
+
+def test_examples_fingerprint_sees_one_label():
+    from npllama.train.distributed import examples_fingerprint
+    from npllama.train.sft import Example
+    a = [Example(np.arange(9), np.array([-100] * 5 + [5, 6, 7, 8])) for _ in range(3)]
+    b = [Example(e.ids.copy(), e.labels.copy()) for e in a]
+    assert examples_fingerprint(a) == examples_fingerprint(b)
+    b[1].labels[5] = -100                      # the same tokens, one label fewer
+    assert examples_fingerprint(a) != examples_fingerprint(b)

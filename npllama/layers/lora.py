@@ -21,16 +21,23 @@ class Settings(NamedTuple):
     scale: float              # s = alpha / r, or alpha / sqrt(r) with rsLoRA
     dropout: float = 0.0      # p
     rng: Any = None           # a numpy Generator while training with dropout; None: no dropout
+    rows: Any = None          # (a, b, n): the input is rows [a, b) of a batch of n (data parallel), else None
 
 
 def keep_mask(settings: Settings, shape: tuple, dtype: Any, xp: Any) -> Any:
     """Inverted dropout's mask for an input of `shape`: 1 / (1 - p) where kept, 0 where dropped; None if off.
 
-    Drawn on the host, so a seed gives the same masks on NumPy and CuPy."""
+    Drawn on the host, so a seed gives the same masks on NumPy and CuPy; a rank of a data-parallel run draws
+    the whole batch's mask and keeps its rows, so that its masks are those one process would use."""
     if settings.rng is None or settings.dropout <= 0.0:
         return None
     p = settings.dropout
-    keep = (settings.rng.random(shape) >= p) / (1.0 - p)
+    if settings.rows is None:
+        u = settings.rng.random(shape)
+    else:
+        a, b, n = settings.rows
+        u = settings.rng.random((n, *shape[1:]))[a:b]
+    keep = (u >= p) / (1.0 - p)
     return xp.asarray(keep.astype(np.dtype(dtype)))
 
 

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 from npllama.cli import UsageError
 from npllama.io.atomic import atomic_path
@@ -149,15 +149,67 @@ def _tokens(args: argparse.Namespace, vocab_size: int) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run `train` with parsed arguments; returns the exit code (0 done, 1 diverged); user mistakes raise."""
+    return run_on_ranks(args, _run)
+
+
+# ---------------------------------------------------------------------- one process or the ranks of mpiexec
+# `train` and `finetune` share these: run_on_ranks around the command, parallel_for for its Trainer,
+# agree_on_start once the Trainer stands (resumed), fit_on_ranks to train; then rank 0 alone saves final/.
+def run_on_ranks(args: argparse.Namespace, body: Callable[[argparse.Namespace, Any], int],
+                 check: Callable[[argparse.Namespace], None] | None = None) -> int:
+    """body(args, world) on one process or on every rank: same arguments everywhere, only rank 0 claims --out and prints.
+
+    check(args) runs first (bad flags are reported before --out is made); under mpiexec a rank's error ends the job."""
     from npllama.train.distributed import check_agreement, cli_world, rank_errors
     from npllama.train.outdir import claim_output
     world = cli_world()               # one process, or the ranks of mpiexec (npllama.train.distributed)
     with rank_errors(world):
         check_agreement(world, arguments={k: v for k, v in vars(args).items() if not callable(v)})
+        if check is not None:
+            check(args)
+        if world.size > 1 and getattr(args, "backend", "numpy") == "cupy":
+            world.use_local_gpu()     # before any array is made: one GPU per rank
         if not world.is_main:         # rank 0 owns --out; the others only read it
-            return _run(args, world)
+            return body(args, world)
         with claim_output(args.out):  # one trainer per --out; a second one fails here, naming the folder
-            return _run(args, world)
+            return body(args, world)
+
+
+def parallel_for(args: argparse.Namespace, world: Any) -> Any:
+    """The Trainer's `parallel` from --zero / --no-overlap / --bucket-mb under mpiexec; None in one process."""
+    if world is None or world.size == 1:
+        return None
+    from npllama.train.distributed import Parallel
+    return Parallel(world, getattr(args, "zero", 0), not getattr(args, "no_overlap", False),
+                    int(getattr(args, "bucket_mb", 25.0) * 2 ** 20))
+
+
+def agree_on_start(trainer: Trainer, **data: Any) -> None:
+    """Under mpiexec: stop before step 1 unless every rank has the same settings, model, data (fingerprints) and step."""
+    if trainer.dp is None:
+        return
+    from npllama.train.distributed import check_agreement, weights_fingerprint
+    m, parallel = trainer.model, trainer.dp
+    check_agreement(trainer.world, train_config=asdict(trainer.cfg), model_config=m.config.to_dict(),
+                    dtype=m.dtype.name, lora=asdict(m.lora) if m.lora is not None else None,
+                    frozen_weights=weights_fingerprint(m), start_step=trainer.step, **data)
+    print(f"data parallel: {trainer.world.size} MPI ranks, {len(parallel.buckets)} gradient buckets, "
+          f"zero={parallel.zero}, overlap={'on' if parallel.overlap else 'off'}", flush=True)
+
+
+def fit_on_ranks(trainer: Trainer, run_config: dict[str, Any]) -> int:
+    """Rank 0 writes <out>/train_config.json; every rank trains; -> 0, or 1 when training diverged (rank 0 says why)."""
+    if trainer.is_main:
+        with atomic_path(os.path.join(trainer.out_dir, "train_config.json")) as tmp, \
+                open(tmp, "w", encoding="utf-8") as f:
+            json.dump(run_config, f, indent=1)
+    try:
+        trainer.fit()
+    except TrainingDiverged as e:
+        if trainer.is_main:
+            print(f"npllama: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(args: argparse.Namespace, world: Any = None) -> int:
@@ -165,8 +217,6 @@ def _run(args: argparse.Namespace, world: Any = None) -> int:
     from npllama.model import Llama
     from npllama.train.checkpoint import latest_checkpoint, load_checkpoint
     # user mistakes raise NpllamaError, which npllama.cli.main reports in one line with exit code 2
-    if world is not None and world.size > 1 and args.backend == "cupy":
-        world.use_local_gpu()         # before any array is made: one GPU per rank
     saved = None
     if args.resume:
         path = latest_checkpoint(os.path.join(args.out, "checkpoints")) if args.resume == "latest" else args.resume
@@ -204,35 +254,17 @@ def _run(args: argparse.Namespace, world: Any = None) -> int:
     train, val = tf.split(args.val_fraction)
     print(f"model: {model}; train {len(train):,} tokens, validation {len(val):,}", flush=True)
     run_meta = {"data": [os.path.abspath(d) for d in args.data], "tokenizer": args.tokenizer, "model": args.model}
-    parallel = None
-    if world is not None and world.size > 1:
-        from npllama.train.distributed import Parallel
-        parallel = Parallel(world, getattr(args, "zero", 0), not getattr(args, "no_overlap", False),
-                            int(getattr(args, "bucket_mb", 25.0) * 2 ** 20))
-    trainer = Trainer(model, train, val, cfg, args.out, extra_state={"run": run_meta}, parallel=parallel)
+    trainer = Trainer(model, train, val, cfg, args.out, extra_state={"run": run_meta},
+                      parallel=parallel_for(args, world))
     if args.resume:
         trainer.resume(path)
         print(f"resumed from {path} at step {trainer.step}", flush=True)
-    if parallel is not None:          # same settings, data, model and step on every rank, or none starts
-        from npllama.train.distributed import check_agreement, tokens_fingerprint
-        check_agreement(world, train_config=asdict(cfg), model_config=model.config.to_dict(), dtype=model.dtype.name,
-                        data=tokens_fingerprint(train), validation_data=tokens_fingerprint(val),
-                        start_step=trainer.step)
-        print(f"data parallel: {world.size} MPI ranks, {len(trainer.dp.buckets)} gradient buckets, "
-              f"zero={parallel.zero}, overlap={'on' if parallel.overlap else 'off'}", flush=True)
-    if not trainer.is_main:
-        try:
-            trainer.fit()
-        except TrainingDiverged:
-            return 1
-        return 0
-    with atomic_path(os.path.join(args.out, "train_config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"train": asdict(cfg), "dtype": model.dtype.name, "backend": model.backend, **run_meta}, f, indent=1)
-    try:
-        trainer.fit()
-    except TrainingDiverged as e:
-        print(f"npllama: error: {e}", file=sys.stderr)
-        return 1
+    from npllama.train.distributed import tokens_fingerprint
+    agree_on_start(trainer, data=tokens_fingerprint(train), validation_data=tokens_fingerprint(val))
+    code = fit_on_ranks(trainer, {"train": asdict(cfg), "dtype": model.dtype.name, "backend": model.backend,
+                                  **run_meta})
+    if code or not trainer.is_main:
+        return code
     final = os.path.join(args.out, "final")
     model.save_pretrained(final)
     tok_src = args.tokenizer or args.model
@@ -252,4 +284,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["add_arguments", "add_training_arguments", "run", "main"]
+__all__ = ["add_arguments", "add_training_arguments", "run", "main", "run_on_ranks", "parallel_for", "agree_on_start",
+           "fit_on_ranks"]

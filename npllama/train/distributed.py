@@ -339,6 +339,31 @@ def tokens_fingerprint(tokens: Any, windows: int = 64, width: int = 4096) -> dic
     return {"tokens": n, "dtype": str(np.asarray(tokens[:0]).dtype), "sample": h.hexdigest()}
 
 
+def examples_fingerprint(examples: Any) -> dict[str, Any]:
+    """Count plus a hash of every token id and label of encoded conversations (npllama.train.sft.Example)."""
+    h = hashlib.blake2b(digest_size=8)
+    for e in examples:
+        h.update(np.int64(len(e.ids)).tobytes())
+        h.update(np.ascontiguousarray(e.ids, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(e.labels, dtype=np.int64).tobytes())
+    return {"examples": len(examples), "hash": h.hexdigest()}
+
+
+def weights_fingerprint(model: Any, windows: int = 8, width: int = 1024) -> str:
+    """A hash of evenly spaced windows of every frozen weight (those that train are rank 0's on every rank)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, p in model.params.items():
+        if name in model.trainable:
+            continue
+        flat, n = p.reshape(-1), int(p.size)
+        h.update(name.encode())
+        for i in range(windows):
+            a = (n - width) * i // max(windows - 1, 1) if n > width else 0
+            w = flat[a:a + width]
+            h.update(np.ascontiguousarray(w if not is_cupy(w) else get_array_module(w).asnumpy(w)).tobytes())
+    return h.hexdigest()
+
+
 def check_agreement(world: World, **parts: Any) -> None:
     """Stop every rank with one clear line (from rank 0) when the ranks disagree on any part."""
     mine = fingerprint(**parts)
@@ -465,7 +490,8 @@ class DataParallel:
         self._fresh = False
         self._last, self._scale = last, w * scale
         hook = self._on_grads if self.overlap else None
-        loss, grads = model.loss_and_grads(ids[r], targets[r], ignore_index=ignore_index, on_grads=hook)
+        loss, grads = model.loss_and_grads(ids[r], targets[r], ignore_index=ignore_index, on_grads=hook,
+                                           rows=(r.start, r.stop, ids.shape[0]))   # LoRA dropout: the batch's masks
         for n in self.names:                 # whatever no callback delivered (overlap off, or a model without it)
             b = self.where[n]
             if n not in b.filled:
@@ -551,4 +577,4 @@ class Parallel:
 
 
 __all__ = ["BUCKET_BYTES", "DataParallel", "Parallel", "cli_world", "rank_errors", "DistributedError", "World", "check_agreement", "check_batch",
-           "fingerprint", "make_buckets", "tokens_fingerprint"]
+           "examples_fingerprint", "fingerprint", "make_buckets", "tokens_fingerprint", "weights_fingerprint"]

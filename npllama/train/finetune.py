@@ -14,17 +14,14 @@ uses it), or with --full the whole model in HF layout with its tokenizer.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import sys
 from dataclasses import asdict
 from typing import Any
 
 from npllama.cli import UsageError, _number
-from npllama.io.atomic import atomic_path
 from npllama.train import cli as train_cli
-from npllama.train.trainer import TrainConfig, Trainer, TrainingDiverged
+from npllama.train.trainer import TrainConfig, Trainer
 
 # a fine-tuning run's defaults where they differ from training from scratch (TrainConfig's)
 DEFAULTS = dict(steps=100, batch_size=8, seq_len=512, lr=2e-4, warmup=10, weight_decay=0.0, eval_every=25,
@@ -104,13 +101,15 @@ def _settings(args: argparse.Namespace, base: dict[str, Any] | None) -> tuple[Tr
 
 def run(args: argparse.Namespace) -> int:
     """Run `finetune` with parsed arguments; returns the exit code (0 done, 1 diverged); user mistakes raise."""
-    from npllama.train.outdir import claim_output
+    return train_cli.run_on_ranks(args, _run, check=_check)
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Bad flags are reported before the output folder is made."""
     if args.resume is None:
-        _lora_settings(args)            # bad flags are reported before the output folder is made
+        _lora_settings(args)
         if not args.data:
             raise UsageError("--data is required (a JSONL file of conversations), unless --resume")
-    with claim_output(args.out):
-        return _run(args)
 
 
 def _model_path(path: str | None) -> str:
@@ -122,7 +121,7 @@ def _model_path(path: str | None) -> str:
     return path
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, world: Any = None) -> int:
     from npllama import lora
     from npllama.model import Llama
     from npllama.tokenizer import Tokenizer
@@ -173,18 +172,16 @@ def _run(args: argparse.Namespace) -> int:
     meta = {"kind": "finetune", "model": args.model, "tokenizer": args.tokenizer, "data": data,
             "val_fraction": args.val_fraction, "full": lora_cfg is None, "lora": lora_cfg}
     trainer = Trainer(model, SFTBatcher(train, cfg.batch_size, seed=cfg.seed), SFTEval(val), cfg, args.out,
-                      extra_state={"run": meta})
+                      extra_state={"run": meta}, parallel=train_cli.parallel_for(args, world))
     if args.resume:
         trainer.resume(ck_path)
         print(f"resumed from {ck_path} at step {trainer.step}", flush=True)
-    with atomic_path(os.path.join(args.out, "train_config.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"train": asdict(cfg), "dtype": model.dtype.name, "backend": model.backend, "data_stats":
-                   stats_dict(stats), **meta}, f, indent=1)
-    try:
-        trainer.fit()
-    except TrainingDiverged as e:
-        print(f"npllama: error: {e}", file=sys.stderr)
-        return 1
+    from npllama.train.distributed import examples_fingerprint
+    train_cli.agree_on_start(trainer, data=examples_fingerprint(train), validation_data=examples_fingerprint(val))
+    code = train_cli.fit_on_ranks(trainer, {"train": asdict(cfg), "dtype": model.dtype.name, "backend": model.backend,
+                                            "data_stats": stats_dict(stats), **meta})
+    if code or not trainer.is_main:
+        return code
     final = os.path.join(args.out, "final")
     if lora_cfg is None:
         model.save_pretrained(final)
