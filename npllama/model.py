@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from npllama import transformer
+from npllama import blasthreads, transformer
 from npllama.backend import backend_name, get_backend, int_range, is_cupy, resolve_dtype, tf32, to_host
 from npllama.config import LlamaConfig
 from npllama.errors import InputError, InputTypeError
@@ -66,7 +66,7 @@ class Llama:
 
     The model keeps its own copy of the weights (on the fast path q/k/v and gate/up share a matrix per
     layer and params holds HF-named views: npllama.fast.storage). On NumPy it also raises glibc's malloc
-    thresholds (npllama.hostmem).
+    thresholds (npllama.hostmem) and sets BLAS's thread count to the free cores (npllama.blasthreads).
     """
 
     def __init__(self, config: LlamaConfig, params: dict[str, Any], backend: str = "numpy",
@@ -105,6 +105,7 @@ class Llama:
         self.xp = get_backend(backend)
         if self.xp is np:
             keep_freed_memory()                # a forward's temporaries are then reused, not page-faulted anew
+            blasthreads.apply()                # BLAS threads = cores other processes leave free
         self.dtype = resolve_dtype(dtype)
         self.reference = bool(reference)
         self.fused = (self.xp is not np and not self.reference) if fused is None else bool(fused)
@@ -358,6 +359,8 @@ class Llama:
         (npllama.fast.decode.GraphDecoder); same tokens, far less host overhead per token.
         """
         from npllama.generate import generate
+        if self.xp is np:
+            blasthreads.apply()                # the machine may have got busier (or quieter) since load
         target: Any = self
         if cuda_graph:
             if self._graph_decoder is None:
