@@ -12,6 +12,7 @@ matrix-vector product 1.6-2x. Such a run is flagged and retried once; both attem
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a side counts as disturbed when other processes kept more than this many cores busy on average
@@ -154,6 +155,20 @@ def run_child(argv: list[str], timeout: float = 1800) -> tuple[dict, dict]:
         return json.loads(proc.stdout.strip().splitlines()[-1]), load
     except (json.JSONDecodeError, IndexError):
         return {"error": "no JSON result: " + proc.stdout[-500:] + proc.stderr[-500:]}, load
+
+
+@contextlib.contextmanager
+def competing_load(n: int) -> Iterator[list]:
+    """n CPU-bound processes (`while True: pass`) running for the duration: a busy machine, on purpose."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        if procs:
+            time.sleep(0.5)           # running, and seen by the scheduler, before the side starts
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def run_side(argv: list[str], retry_busy: bool = True, timeout: float = 1800) -> dict:

@@ -126,6 +126,9 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
     prefill_ids = token_ids(vocab, a.prefill, 1)
     prompt_ids = token_ids(vocab, a.prompt, 2)
     res: dict = {"side": which}
+    if which == "npllama-keep":
+        # npllama before its BLAS thread policy: OpenBLAS's own count (every core), whatever the load
+        os.environ["NPLLAMA_BLAS_THREADS"] = "keep"
     if which == "npllama-1t":
         # the same npllama side with its BLAS held to one thread: on a machine whose cores other
         # processes also use, a 2-thread OpenBLAS matrix-vector product collapses (threads wait on
@@ -139,6 +142,8 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         model = npllama.Llama.from_pretrained(paths["hf_dir"], dtype="float32")
         res["load_s"] = time.perf_counter() - t0
+        from npllama import blasthreads
+        res["blas_threads"] = blasthreads.get_threads()    # what the policy chose at load
         res["rss_after_load_mb"] = C.rss_mb()
         res["weight_bytes"] = int(sum(p.nbytes for p in model.params.values()))
         pre = np.array([prefill_ids])
@@ -241,6 +246,7 @@ def summarize(r: dict, a: argparse.Namespace, ceil: dict) -> dict:
     s = {"load_s": r["load_s"], "load_median_s": C.med(r.get("load_all_s", [r["load_s"]])),
          "prefill_tok_s": a.prefill / C.med(r["prefill_s"]), "decode_tok_s": a.new_tokens / C.med(r["decode_s"]),
          "peak_rss_mb": r["peak_rss_mb"], "rss_after_load_mb": r["rss_after_load_mb"], "import_s": r["import_s"]}
+    s["threads"] = r.get("blas_threads", r.get("threads"))
     if "generate_s" in r:
         s["generate_tok_s"] = r["generate_tokens"] / C.med(r["generate_s"])
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}
@@ -256,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sides", default="npllama,torch,llama.cpp")
     ap.add_argument("--out", default=None, help="folder for smollm2.json / smollm2.md (default bench/results)")
     ap.add_argument("--no-retry", action="store_true", help="do not rerun a side that ran on a busy machine")
+    ap.add_argument("--busy", type=int, default=0, metavar="N",
+                    help="run every side next to N competing CPU-bound processes (a busy machine; implies --no-retry)")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--paths", help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)        # tests: a tiny model instead of SmolLM2
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("preparing weights (once) ...", file=sys.stderr, flush=True)
         paths = prepare(C.cache_dir())
     data: dict = {"workload": "SmolLM2-135M-Instruct float32, batch 1", "machine": C.machine_info(),
-                  "settings": {k: getattr(a, k) for k in ("reps", "prefill", "prompt", "new_tokens")},
+                  "settings": {k: getattr(a, k) for k in ("reps", "prefill", "prompt", "new_tokens", "busy")},
                   "paths": paths, "load_before": C.other_load()}
     ceil, _ = C.run_child([os.path.join(C.ROOT, "bench", "_common.py"), "ceilings"])
     data["ceilings"] = ceil
@@ -286,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
         argv_s = [os.path.abspath(__file__), "--side", s, "--paths", json.dumps(paths), "--reps", str(a.reps),
                   "--load-reps", str(a.load_reps), "--prefill", str(a.prefill), "--prompt", str(a.prompt),
                   "--new-tokens", str(a.new_tokens)]
-        raw[s] = C.run_side(argv_s, retry_busy=not a.no_retry)
+        with C.competing_load(a.busy):
+            raw[s] = C.run_side(argv_s, retry_busy=not (a.no_retry or a.busy))
     data["raw"] = raw
     data["load_after"] = C.other_load()
     summ = {s: summarize(r, a, ceil) for s, r in raw.items() if "skipped" not in r}
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          if s != "npllama" and "skipped" not in r}
     keys = ("decode_tok_s", "prefill_tok_s", "load_s", "load_median_s", "peak_rss_mb")
     data["ratios"] = {f"{n} / {p}": {k: C.ratio(summ[n].get(k), summ[p].get(k)) for k in keys}
-                      for n in ("npllama", "npllama-1t") if n in summ and "error" not in summ[n]
+                      for n in ("npllama", "npllama-1t", "npllama-keep") if n in summ and "error" not in summ[n]
                       for p in summ if not p.startswith("npllama") and "error" not in summ[p]}
     md = render(data, a)
     C.write_outputs("smollm2", data, md, a.out)
@@ -321,19 +330,22 @@ def render(d: dict, a: argparse.Namespace) -> str:
     rows = []
     for side, v in s.items():
         if "error" in v:
-            rows.append([side, "error: " + v["error"][:80]] + [None] * 6)
+            rows.append([side, "error: " + v["error"][:80]] + [None] * 7)
             continue
         pct = round(100 * v["decode_tok_s"] / cap) if cap else None
         rows.append([side, v["load_s"], v["prefill_tok_s"], v["decode_tok_s"],
                      f"{pct}%" if pct is not None else None, v["peak_rss_mb"],
-                     v.get("generate_tok_s")])
+                     v.get("generate_tok_s"), v.get("threads")])
     for side, r in d["raw"].items():
         if "skipped" in r:
-            rows.append([side, "skipped: " + r["skipped"]] + [None] * 5)
+            rows.append([side, "skipped: " + r["skipped"]] + [None] * 6)
     out = [f"### SmolLM2-135M-Instruct, float32, batch 1 ({d['machine']['cores']} cores, {d['machine']['cpu']})", "",
            C.md_table(["side", "load s", f"prefill-{a.prefill} tok/s",
                        f"decode tok/s ({a.prompt}+{a.new_tokens})", "of bw ceiling", "peak RSS MiB",
-                       "generate() tok/s"], rows), ""]
+                       "generate() tok/s", "threads"], rows), ""]
+    if a.busy:
+        out.insert(1, f"Busy machine: every side ran next to {a.busy} competing CPU-bound process(es) "
+                      "(`python -c 'while True: pass'`), started before the side and stopped after it.")
     rr = [[p, v.get("load_s"), v.get("prefill_tok_s"), v.get("decode_tok_s"), v.get("peak_rss_mb")]
           for p, v in d["ratios"].items()]
     if rr:
