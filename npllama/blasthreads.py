@@ -5,7 +5,7 @@ each one over its threads and waits for the slowest; when another process holds 
 thread that lands there waits for a scheduler time slice (milliseconds) on every product. On a 2-core
 machine with one competing CPU-bound process, SmolLM2 decode drops from ~16-40 tok/s with one BLAS thread
 to ~1.5-3 tok/s with two (bench/README.md). So at model load, and again when generate() starts, npllama
-counts the other processes that want a CPU (the runnable count of /proc/loadavg, sampled over ~30 ms,
+counts the other processes that want a CPU (the runnable count of /proc/loadavg, sampled over ~7 ms,
 minus this process's own running threads) and sets the thread count to the cores left free, at least 1,
 never more than BLAS had when first seen.
 
@@ -61,7 +61,7 @@ def _own_running() -> int:
     return max(n, 1)                  # the thread reading is running
 
 
-def other_running(samples: int = 6, interval: float = 0.005) -> float | None:
+def other_running(samples: int = 4, interval: float = 0.002) -> float | None:
     """Mean number of other processes' threads that are runnable, sampled over samples * interval s; None off Linux."""
     total = 0
     for i in range(samples):
