@@ -100,3 +100,17 @@ def test_the_probe_sees_a_competing_process():
         p.kill()
         p.wait()
     assert busy >= quiet + 0.5, (quiet, busy)
+
+
+def test_a_bad_override_is_one_line_and_exit_2_in_the_cli(tmp_path):
+    import os
+    cfg = npllama.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=50, max_position_embeddings=64)
+    npllama.Llama.init(cfg).save_pretrained(str(tmp_path / "m"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NPLLAMA_BLAS_THREADS="two", PYTHONPATH=root)
+    r = subprocess.run([sys.executable, os.path.join(root, "run.py"), "generate", "--model", str(tmp_path / "m"),
+                        "--prompt", "hi"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == ["npllama: error: NPLLAMA_BLAS_THREADS='two': expected a positive "
+                                             "integer, 'auto' or 'keep'"]
