@@ -37,10 +37,8 @@ def cache_dir() -> str:
 
 def ncores() -> int:
     """Cores this process may run on (what BLAS and llama.cpp are told to use)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    from npllama.blasthreads import cores
+    return cores()
 
 
 # ---------------------------------------------------------------- inside a child
