@@ -152,24 +152,24 @@ def backward(ops: Any, dlogits: Any, cache: Cache, tied: bool,
     grads: dict[str, Any] = {}
     dh, dW_head, _ = ops.linear_backward(dlogits, cache.lm_head)             # dW_head None when frozen
     dx, grads["model.norm.weight"] = ops.rmsnorm_backward(dh, cache.norm)
-    if on_grads is not None:
-        top = {"model.norm.weight": grads["model.norm.weight"]}
-        if not tied and dW_head is not None:
-            top["lm_head.weight"] = dW_head
-        on_grads({k: v for k, v in top.items() if k not in cache.frozen})
+    if not tied and dW_head is not None:
+        grads["lm_head.weight"] = dW_head
+    _deliver(on_grads, grads, cache.frozen)                 # the final norm and an untied head are done
     for i in reversed(range(len(cache.layers))):
         dx, g = block_backward(ops, dx, cache.layers[i])
         g = {f"model.layers.{i}.{k}": v for k, v in g.items()}
         grads.update(g)
-        if on_grads is not None:
-            on_grads({k: v for k, v in g.items() if k not in cache.frozen})
+        _deliver(on_grads, g, cache.frozen)
     if "model.embed_tokens.weight" not in cache.frozen:
         dW_emb = ops.embedding_backward(dx, cache.embed_tokens)
         if tied:
             dW_emb += dW_head                                 # one matrix, two uses: the gradients add
         grads["model.embed_tokens.weight"] = dW_emb
-        if on_grads is not None:
-            on_grads({"model.embed_tokens.weight": dW_emb})
-    if not tied and dW_head is not None:
-        grads["lm_head.weight"] = dW_head
+        _deliver(on_grads, {"model.embed_tokens.weight": dW_emb}, cache.frozen)
     return {k: v for k, v in grads.items() if k not in cache.frozen}
+
+
+def _deliver(on_grads: Callable[[dict[str, Any]], None] | None, grads: dict[str, Any], frozen: frozenset) -> None:
+    """Hand finished gradients (less the frozen ones) to on_grads, when there is one."""
+    if on_grads is not None:
+        on_grads({k: v for k, v in grads.items() if k not in frozen})
