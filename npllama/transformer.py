@@ -37,6 +37,7 @@ class Context(NamedTuple):
     cache: Any         # a KVCache, or None
     start_pos: Any     # position of the first token (CudaOps: a device int32 buffer)
     key_mask: Any      # bool (B, start_pos + T): False for padding keys; or None
+    grad: bool = True  # a backward will follow: layers keep what it needs (transformer.forward sets it)
 
 
 class BlockCache(NamedTuple):
@@ -126,6 +127,7 @@ def block_backward(ops: Any, dx: Any, cache: BlockCache) -> tuple[Any, dict[str,
 def forward(ops: Any, w: Weights, ids: Any, ctx: Context, keep: bool = False,
             last_only: bool = False) -> tuple[Any, Cache | None]:
     """ids (B, T) -> logits (B, T, V) (or (B, 1, V) with last_only); the Cache for backward when keep."""
+    ctx = ctx._replace(grad=keep)   # inference: attention need not hold its (T, S) weights for a backward
     x, ce = ops.embedding(ids, w.embed_tokens)                                # (B, T, D)
     blocks = []
     for i, lw in enumerate(w.layers):

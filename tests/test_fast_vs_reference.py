@@ -58,14 +58,18 @@ def test_attention(H, KV, hd, bias, is_stacked, block, scaling, monkeypatch):
     y_ref, c_ref = attention.forward(x, p, cos, sin, H, KV, hd)
     y_fast, c_fast = fast_attention.forward(x, pf, cos, sin, H, KV, hd)
     close(y_fast, y_ref)
+    y_infer, nothing = fast_attention.forward(x, pf, cos, sin, H, KV, hd, keep=False)   # no backward follows
+    close(y_infer, y_ref)
+    assert nothing is None
     dx_ref, g_ref = attention.backward(dy, c_ref)
     dx_fast, g_fast = fast_attention.backward(dy, c_fast)
     close(dx_fast, dx_ref)
     grads_close(g_fast, g_ref)
 
 
+@pytest.mark.parametrize("keep", [True, False])             # False: the inference path (no weights kept)
 @pytest.mark.parametrize("block", [64, 3])
-def test_attention_with_a_kv_cache_and_padding(block, monkeypatch):
+def test_attention_with_a_kv_cache_and_padding(block, keep, monkeypatch):
     monkeypatch.setattr(fast_attention, "BLOCK", block)
     B, T, D, H, KV, hd, start = 3, 7, 24, 6, 2, 4, 5
     cfg = LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
@@ -81,7 +85,9 @@ def test_attention_with_a_kv_cache_and_padding(block, monkeypatch):
     outs = []
     for impl in (attention, fast_attention):
         kv = (earlier[0].copy(), earlier[1].copy())
-        outs.append((impl.forward(x, p, cos, sin, H, KV, hd, kv=kv, start_pos=start, key_mask=key_mask)[0], kv))
+        more = {"keep": keep} if impl is fast_attention else {}
+        outs.append((impl.forward(x, p, cos, sin, H, KV, hd, kv=kv, start_pos=start, key_mask=key_mask, **more)[0],
+                     kv))
     (y_ref, kv_ref), (y_fast, kv_fast) = outs
     real = key_mask[:, start:]                          # rows of padding queries are never read
     close(y_fast[real], y_ref[real])

@@ -37,7 +37,7 @@ class FastAttentionCache(NamedTuple):
 
 def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: int, head_dim: int,
             kv: tuple[Any, Any] | None = None, start_pos: int = 0, key_mask: Any = None,
-            fused: bool = False) -> tuple[Any, FastAttentionCache]:
+            fused: bool = False, keep: bool = True) -> tuple[Any, FastAttentionCache | None]:
     """= layers.attention.forward: x (B, T, D) -> y (B, T, D).
 
     p: this layer's weights, keyed 'q_proj.weight', 'q_proj.bias' (optional), ... 'o_proj.weight';
@@ -46,6 +46,7 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
         [start_pos, start_pos + T) and attends to [0, start_pos + T).
     key_mask: optional bool (B, start_pos + T), False for padding slots that no query may see.
     fused: use the fused CUDA rotary and softmax kernels on CuPy input (same result).
+    keep: return the cache a backward needs; False (inference) keeps no attention weights and returns None.
     """
     xp = get_array_module(x)
     B, T, _ = x.shape
@@ -75,6 +76,10 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
             k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)
     # the G query heads of a KV head become rows, ordered (t, g): a block of queries is then a row range
     qg = q.reshape(B, T, KV, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, KV, T * G, hd)
+    if not keep and not fused_kernels(qg, fused):
+        out = _infer(qg, k, v, hd ** -0.5, start_pos, G, key_mask)
+        out = out.reshape(B, KV, T, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, T, H * hd)
+        return projection.forward(out, p, "o_proj")[0], None
     out = xp.empty_like(qg)
     Ps = []                                      # each block's attention weights, for the backward
     for t0, t1 in _blocks(T):
@@ -86,6 +91,33 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
     out = out.reshape(B, KV, T, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, T, H * hd)
     y, co = projection.forward(out, p, "o_proj")
     return y, FastAttentionCache(cin, co, cos, sin, qg, k, v, Ps, H, start_pos)
+
+
+def _infer(qg: Any, k: Any, v: Any, scale: float, start_pos: int, G: int, key_mask: Any) -> Any:
+    """The forward's attention core when no backward follows: the same blocks, three passes fewer over the
+    scores. The scale goes on the queries (T rows, not T x S scores), the causal mask only on the keys a block
+    shares with its own queries (the ones before it are seen by all), and the softmax's division on the
+    (rows, hd) output instead of the (rows, S) weights. qg (B, KV, T G, hd) -> (B, KV, T G, hd)."""
+    xp = get_array_module(qg)
+    B, KV, TG, hd = qg.shape
+    qg = qg * qg.dtype.type(scale)
+    kT = k.transpose(0, 1, 3, 2)                                             # (B, KV, hd, S)
+    out = xp.empty_like(qg)
+    lowest = xp.finfo(qg.dtype).min      # finite, as in _causal_softmax_: a fully masked row stays finite
+    for t0, t1 in _blocks(TG // G):
+        n, S0, S1, rows = t1 - t0, start_pos + t0, start_pos + t1, slice(t0 * G, t1 * G)
+        s = qg[:, :, rows] @ kT[..., :S1]                                    # (B, KV, n G, S1)
+        if n > 1:   # query t0 + i sees keys up to S0 + i: only the block's last n keys need masking
+            hide = xp.arange(n)[None, :] > xp.arange(n)[:, None]                              # (n, n)
+            xp.copyto(s.reshape(B, KV, n, G, S1)[..., S0:], lowest, where=hide[:, None, :])
+        if key_mask is not None:
+            xp.copyto(s.reshape(B, KV, n, G, S1), lowest, where=~key_mask[:, None, None, None, :S1].astype(bool))
+        s -= s.max(axis=-1, keepdims=True)
+        e = xp.exp(s, out=s)
+        o = e @ v[:, :, :S1]                                                 # (B, KV, n G, hd)
+        o /= e.sum(axis=-1, keepdims=True)
+        out[:, :, rows] = o
+    return out
 
 
 def _blocks(T: int) -> list[tuple[int, int]]:

@@ -25,7 +25,8 @@ class FastOps(ReferenceOps):
         c = self.config
         kv = None if ctx.cache is None else ctx.cache.layer(i)
         return attention.forward(x, w, ctx.cos, ctx.sin, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                 kv=kv, start_pos=ctx.start_pos, key_mask=ctx.key_mask, fused=self.fused)
+                                 kv=kv, start_pos=ctx.start_pos, key_mask=ctx.key_mask, fused=self.fused,
+                                 keep=ctx.grad)
 
     def attention_backward(self, dy: Any, cache: Any) -> tuple[Any, dict]:
         return attention.backward(dy, cache, self.fused)
