@@ -127,3 +127,48 @@ def test_f32_gguf_writer_keeps_metadata_and_dequantizes(tmp_path):
     t = r.tensors[0]
     assert t.tensor_type == gguf.GGMLQuantizationType.F32
     np.testing.assert_allclose(np.asarray(t.data).reshape(4, 64), a, atol=0.05)
+
+
+def test_longctx_machinery_on_a_tiny_model(bench_env):
+    """bench_longctx at 16 and 32 tokens: a process per (side, length), first tokens agree, eval scores one window."""
+    import bench_longctx
+    from tiny_cli import smol_gguf, tiny_model
+
+    from npllama import Llama
+    from npllama.cli import perplexity
+    from npllama.tokenizer import Tokenizer
+    hf = tiny_model(str(bench_env / "tiny"), smol_gguf())       # SmolLM2's vocabulary: eval can tokenize
+    sides = "npllama,npllama-eval,torch,llama.cpp" if HAVE_TORCH else "npllama,npllama-eval,llama.cpp"
+    d = bench_longctx.main(["--hf-dir", hf, "--lengths", "16,32", "--reps", "1", "--warmup", "1", "--sides", sides,
+                            "--no-retry", "--out", str(bench_env / "out")])
+    text = open(bench_env / "cache" / "longctx_text.txt", encoding="utf-8").read()
+    ids = Tokenizer.from_pretrained(hf).encode(text)
+    model = Llama.from_pretrained(hf, dtype="float32")
+    pids = set()
+    for L in (16, 32):
+        s, raw = d["summary"][str(L)], d["raw"][str(L)]
+        n = s["npllama"]
+        assert "error" not in n, n
+        assert n["tok_s"] > 0 and n["peak_rss_mb"] >= n["rss_after_load_mb"] > 0
+        assert len(raw["npllama"]["prefill_s"]) == 1
+        assert "skipped" in raw["llama.cpp"]                      # no F32 GGUF for a tiny model
+        # the first token is the argmax of the last position's logits of the same ids, computed here
+        x = [bench_longctx.bench_smollm2.token_ids(49152, L, 3)]
+        assert n["first_token"] == int(model.forward(x)[0, -1].argmax())
+        ev = s["npllama-eval"]
+        assert "error" not in ev, ev
+        assert ev["tokens_scored"] == L and ev["window_tokens_ok"] and ev["peak_rss_mb"] > ev["rss_before_mb"] > 0
+        # the CLI's printed perplexity is that of the file's first window of L tokens
+        want = perplexity(model, ids[:L + 1], L)[0]
+        assert abs(ev["perplexity"] - want) <= 1e-3 * want, (ev["perplexity"], want)
+        if HAVE_TORCH:
+            t = s["torch"]
+            assert "error" not in t, t
+            assert d["first_token_agrees_with_npllama"][str(L)] == {"torch": True}
+            assert d["ratios"][str(L)]["npllama / torch"]["tok_s"] is not None
+        pids |= {raw[k]["pid"] for k in raw if "pid" in raw[k]}
+    # every (side, length) ran in a process of its own, none in this one
+    assert len(pids) == 2 * (3 if HAVE_TORCH else 2) and os.getpid() not in pids
+    md = (bench_env / "out" / "longctx.md").read_text()
+    assert "#### 16 tokens" in md and "#### 32 tokens" in md and "run.py eval" in md
+    assert json.loads((bench_env / "out" / "longctx.json").read_text())["summary"]["32"]["npllama"]["tok_s"] > 0
