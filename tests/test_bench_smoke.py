@@ -37,22 +37,33 @@ def test_smollm2_machinery_on_a_tiny_model(bench_env):
     Llama.init(LlamaConfig.from_dict(TINY), seed=0).save_pretrained(str(hf))
     sides = "npllama,npllama-1t,torch,llama.cpp" if HAVE_TORCH else "npllama,npllama-1t,llama.cpp"
     d = bench_smollm2.main(["--hf-dir", str(hf), "--reps", "1", "--load-reps", "2", "--prefill", "8",
-                            "--prompt", "4", "--new-tokens", "3", "--sides", sides, "--no-retry",
+                            "--prompt", "4", "--new-tokens", "3", "--batch", "3", "--sides", sides, "--no-retry",
                             "--out", str(bench_env / "out")])
     s = d["summary"]["npllama"]
     assert "error" not in s, s
     assert s["decode_tok_s"] > 0 and s["prefill_tok_s"] > 0 and s["peak_rss_mb"] > 0
     assert "skipped" in d["raw"]["llama.cpp"]                 # no F32 GGUF for a tiny model
     assert len(d["raw"]["npllama"]["tokens"]) == 3
+    # the batch decode: 3 prompts of 4 tokens, 3 new tokens each, every row what its prompt gives alone
+    assert s["batch_decode_tok_s"] > 0
+    rows = d["raw"]["npllama"]["batch_tokens"]
+    model = Llama.from_pretrained(str(hf), dtype="float32")
+    want = [model.generate(bench_smollm2.token_ids(TINY["vocab_size"], 4, 10 + b), max_new_tokens=3, eos_ids=())
+            for b in range(3)]
+    assert rows == want and len({tuple(r) for r in want}) > 1, (rows, want)   # different prompts, different rows
     if HAVE_TORCH:
         assert "error" not in d["summary"]["torch"], d["summary"]["torch"]
         # same weights, same greedy decoding: the two sides agree on the tokens
         assert d["tokens_agree_with_npllama"]["torch"] == "first 3 of 3 identical"
         assert d["ratios"]["npllama / torch"]["decode_tok_s"] is not None
+        assert d["batch_tokens_agree_with_npllama"]["torch"] == ["first 3 of 3 identical"] * 3
+        assert d["summary"]["torch"]["batch_decode_tok_s"] > 0
+        assert d["ratios"]["npllama / torch"]["batch_decode_tok_s"] is not None
     assert "load" in d["raw"]["npllama"] and "read_GBps" in d["ceilings"]
     out = bench_env / "out"
     assert json.loads((out / "smollm2.json").read_text())["summary"]
-    assert "| npllama |" in (out / "smollm2.md").read_text()
+    md = (out / "smollm2.md").read_text()
+    assert "| npllama |" in md and "batch-3 decode tok/s" in md
 
 
 def test_train_step_machinery_on_a_tiny_model(bench_env):
