@@ -115,6 +115,13 @@ def test_run_py_bench_runs_run_all(bench_env):
     assert "Tokenizer encode" in (bench_env / "out" / "all.md").read_text()
 
 
+def test_run_py_bench_knows_every_workload_of_run_all():
+    """`run.py bench` checks workload names itself: its list is run_all's (longctx included)."""
+    import run_all
+    from npllama import cli
+    assert cli.BENCH_WORKLOADS == run_all.WORKLOADS and "longctx" in run_all.WORKLOADS
+
+
 def test_f32_gguf_writer_keeps_metadata_and_dequantizes(tmp_path):
     """write_f32_gguf on a small made-up GGUF: metadata copied, a quantized tensor comes back as F32."""
     gguf = pytest.importorskip("gguf")
