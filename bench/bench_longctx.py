@@ -154,7 +154,7 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
 def llama_cpp_last_logits(llama_cpp, model, n_vocab: int):
     """The last evaluated position's logits, read from the llama.cpp context.
 
-    Not model.scores: with logits_all=False (the default) llama-cpp-python 0.3.x's eval() no longer
+    Not model.scores: with logits_all=False (the default) llama-cpp-python 0.3.x (0.3.36 read) eval() no longer
     copies any logits into scores (sampling happens inside llama.cpp), and scores has only n_batch rows,
     so scores[L - 1] is not the last position's. Each batch of eval() asks for the logits of its last
     token only, so llama_get_logits_ith(ctx, -1) (the last output row) is that token's; a build that
@@ -315,13 +315,13 @@ def render(d: dict) -> str:
                 continue
             pct = f"{round(100 * v['gflop_s'] / gemm)}%" if gemm else None
             rows.append([side, f"{v['ttft_s']:.3f}", v["tok_s"], f"{v['gflop_s']:.1f} ({pct})", v["peak_rss_mb"],
-                         v["rss_after_load_mb"], v["first_token"]])
+                         v["rss_after_load_mb"], v["first_token"], v.get("threads")])
         for side, r in d["raw"][L].items():
             if "skipped" in r and side != "npllama-eval":
-                rows.append([side, "skipped: " + r["skipped"]] + [None] * 5)
+                rows.append([side, "skipped: " + r["skipped"]] + [None] * 6)
         out += [f"#### {L} tokens ({d['prefill_gflop'][L]} GFLOP)", "",
                 C.md_table(["side", "time to first token s", "tok/s", "GFLOP/s (of NumPy GEMM)", "peak RSS MiB",
-                            "RSS after load MiB", "first token"], rows), ""]
+                            "RSS after load MiB", "first token", "threads"], rows), ""]
         rat = d["ratios"].get(L, {})
         if rat:
             out.append("Ratios: " + "; ".join(f"{k}: tok/s {C.fmt(v['tok_s'], 2)}x, "
