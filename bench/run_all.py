@@ -1,7 +1,7 @@
 """Run every CPU benchmark and write one combined report (what `python run.py bench` calls).
 
     python bench/run_all.py                      # everything, default sizes
-    python bench/run_all.py smollm2 train        # some workloads: smollm2, train, finetune, tokenizer
+    python bench/run_all.py smollm2 train        # some workloads: smollm2, longctx, train, finetune, tokenizer
     python bench/run_all.py --quick              # fewer repetitions (a rough look, minutes not tens)
     python bench/run_all.py --out DIR            # where the .json / .md files go (default bench/results)
 
@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-WORKLOADS = ("smollm2", "train", "finetune", "tokenizer")
+WORKLOADS = ("smollm2", "longctx", "train", "finetune", "tokenizer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         d = bench_smollm2.main(args)
         data["smollm2"] = d
         sections.append(open(os.path.join(out, "smollm2.md")).read())
+    if "longctx" in todo:
+        import bench_longctx
+        args = extra + (["--lengths", "1024,2048", "--reps", "1"] if a.quick else [])
+        data["longctx"] = bench_longctx.main(args)
+        sections.append(open(os.path.join(out, "longctx.md")).read())
     if "train" in todo:
         import bench_train_step
         args = extra + (["--steps", "2"] if a.quick else [])

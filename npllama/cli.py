@@ -443,7 +443,7 @@ def _bench_dir() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
-BENCH_WORKLOADS = ("smollm2", "train", "finetune", "tokenizer")   # bench/run_all.py's
+BENCH_WORKLOADS = ("smollm2", "longctx", "train", "finetune", "tokenizer")   # bench/run_all.py's
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -37,22 +37,33 @@ def test_smollm2_machinery_on_a_tiny_model(bench_env):
     Llama.init(LlamaConfig.from_dict(TINY), seed=0).save_pretrained(str(hf))
     sides = "npllama,npllama-1t,torch,llama.cpp" if HAVE_TORCH else "npllama,npllama-1t,llama.cpp"
     d = bench_smollm2.main(["--hf-dir", str(hf), "--reps", "1", "--load-reps", "2", "--prefill", "8",
-                            "--prompt", "4", "--new-tokens", "3", "--sides", sides, "--no-retry",
+                            "--prompt", "4", "--new-tokens", "3", "--batch", "3", "--sides", sides, "--no-retry",
                             "--out", str(bench_env / "out")])
     s = d["summary"]["npllama"]
     assert "error" not in s, s
     assert s["decode_tok_s"] > 0 and s["prefill_tok_s"] > 0 and s["peak_rss_mb"] > 0
     assert "skipped" in d["raw"]["llama.cpp"]                 # no F32 GGUF for a tiny model
     assert len(d["raw"]["npllama"]["tokens"]) == 3
+    # the batch decode: 3 prompts of 4 tokens, 3 new tokens each, every row what its prompt gives alone
+    assert s["batch_decode_tok_s"] > 0
+    rows = d["raw"]["npllama"]["batch_tokens"]
+    model = Llama.from_pretrained(str(hf), dtype="float32")
+    want = [model.generate(bench_smollm2.token_ids(TINY["vocab_size"], 4, 10 + b), max_new_tokens=3, eos_ids=())
+            for b in range(3)]
+    assert rows == want and len({tuple(r) for r in want}) > 1, (rows, want)   # different prompts, different rows
     if HAVE_TORCH:
         assert "error" not in d["summary"]["torch"], d["summary"]["torch"]
         # same weights, same greedy decoding: the two sides agree on the tokens
         assert d["tokens_agree_with_npllama"]["torch"] == "first 3 of 3 identical"
         assert d["ratios"]["npllama / torch"]["decode_tok_s"] is not None
+        assert d["batch_tokens_agree_with_npllama"]["torch"] == ["first 3 of 3 identical"] * 3
+        assert d["summary"]["torch"]["batch_decode_tok_s"] > 0
+        assert d["ratios"]["npllama / torch"]["batch_decode_tok_s"] is not None
     assert "load" in d["raw"]["npllama"] and "read_GBps" in d["ceilings"]
     out = bench_env / "out"
     assert json.loads((out / "smollm2.json").read_text())["summary"]
-    assert "| npllama |" in (out / "smollm2.md").read_text()
+    md = (out / "smollm2.md").read_text()
+    assert "| npllama |" in md and "batch-3 decode tok/s" in md
 
 
 def test_train_step_machinery_on_a_tiny_model(bench_env):
@@ -104,6 +115,13 @@ def test_run_py_bench_runs_run_all(bench_env):
     assert "Tokenizer encode" in (bench_env / "out" / "all.md").read_text()
 
 
+def test_run_py_bench_knows_every_workload_of_run_all():
+    """`run.py bench` checks workload names itself: its list is run_all's (longctx included)."""
+    import run_all
+    from npllama import cli
+    assert cli.BENCH_WORKLOADS == run_all.WORKLOADS and "longctx" in run_all.WORKLOADS
+
+
 def test_f32_gguf_writer_keeps_metadata_and_dequantizes(tmp_path):
     """write_f32_gguf on a small made-up GGUF: metadata copied, a quantized tensor comes back as F32."""
     gguf = pytest.importorskip("gguf")
@@ -127,3 +145,48 @@ def test_f32_gguf_writer_keeps_metadata_and_dequantizes(tmp_path):
     t = r.tensors[0]
     assert t.tensor_type == gguf.GGMLQuantizationType.F32
     np.testing.assert_allclose(np.asarray(t.data).reshape(4, 64), a, atol=0.05)
+
+
+def test_longctx_machinery_on_a_tiny_model(bench_env):
+    """bench_longctx at 16 and 32 tokens: a process per (side, length), first tokens agree, eval scores one window."""
+    import bench_longctx
+    from tiny_cli import smol_gguf, tiny_model
+
+    from npllama import Llama
+    from npllama.cli import perplexity
+    from npllama.tokenizer import Tokenizer
+    hf = tiny_model(str(bench_env / "tiny"), smol_gguf())       # SmolLM2's vocabulary: eval can tokenize
+    sides = "npllama,npllama-eval,torch,llama.cpp" if HAVE_TORCH else "npllama,npllama-eval,llama.cpp"
+    d = bench_longctx.main(["--hf-dir", hf, "--lengths", "16,32", "--reps", "1", "--warmup", "1", "--sides", sides,
+                            "--no-retry", "--out", str(bench_env / "out")])
+    text = open(bench_env / "cache" / "longctx_text.txt", encoding="utf-8").read()
+    ids = Tokenizer.from_pretrained(hf).encode(text)
+    model = Llama.from_pretrained(hf, dtype="float32")
+    pids = set()
+    for L in (16, 32):
+        s, raw = d["summary"][str(L)], d["raw"][str(L)]
+        n = s["npllama"]
+        assert "error" not in n, n
+        assert n["tok_s"] > 0 and n["peak_rss_mb"] >= n["rss_after_load_mb"] > 0
+        assert len(raw["npllama"]["prefill_s"]) == 1
+        assert "skipped" in raw["llama.cpp"]                      # no F32 GGUF for a tiny model
+        # the first token is the argmax of the last position's logits of the same ids, computed here
+        x = [bench_longctx.bench_smollm2.token_ids(49152, L, 3)]
+        assert n["first_token"] == int(model.forward(x)[0, -1].argmax())
+        ev = s["npllama-eval"]
+        assert "error" not in ev, ev
+        assert ev["tokens_scored"] == L and ev["window_tokens_ok"] and ev["peak_rss_mb"] > ev["rss_before_mb"] > 0
+        # the CLI's printed perplexity is that of the file's first window of L tokens
+        want = perplexity(model, ids[:L + 1], L)[0]
+        assert abs(ev["perplexity"] - want) <= 1e-3 * want, (ev["perplexity"], want)
+        if HAVE_TORCH:
+            t = s["torch"]
+            assert "error" not in t, t
+            assert d["first_token_agrees_with_npllama"][str(L)] == {"torch": True}
+            assert d["ratios"][str(L)]["npllama / torch"]["tok_s"] is not None
+        pids |= {raw[k]["pid"] for k in raw if "pid" in raw[k]}
+    # every (side, length) ran in a process of its own, none in this one
+    assert len(pids) == 2 * (3 if HAVE_TORCH else 2) and os.getpid() not in pids
+    md = (bench_env / "out" / "longctx.md").read_text()
+    assert "#### 16 tokens" in md and "#### 32 tokens" in md and "run.py eval" in md
+    assert json.loads((bench_env / "out" / "longctx.json").read_text())["summary"]["32"]["npllama"]["tok_s"] > 0
