@@ -94,7 +94,7 @@ class Llama:
         for k, dst in self.params.items():
             src = params.pop(k) if consume else params[k]
             if self.xp is np:
-                np.copyto(dst, to_host(src), casting="unsafe")
+                storage.fill(dst, to_host(src))
             else:
                 dst[...] = self.xp.asarray(src, dtype=self.dtype)
             del src

@@ -164,8 +164,9 @@ def backward(ops: Any, dlogits: Any, cache: Cache, tied: bool,
         _deliver(on_grads, g, cache.frozen)
     if "model.embed_tokens.weight" not in cache.frozen:
         dW_emb = ops.embedding_backward(dx, cache.embed_tokens)
-        if tied:
-            dW_emb += dW_head                                 # one matrix, two uses: the gradients add
+        if tied:   # one matrix, two uses: the gradients add (into the head's, laid out like the matrix)
+            dW_head += dW_emb
+            dW_emb = dW_head
         grads["model.embed_tokens.weight"] = dW_emb
         _deliver(on_grads, {"model.embed_tokens.weight": dW_emb}, cache.frozen)
     return {k: v for k, v in grads.items() if k not in cache.frozen}

@@ -12,6 +12,7 @@ from conftest import CONFIGS, hf_model, rel_err
 from npllama.config import LlamaConfig
 from npllama.fast import attention as fast_attention, loss as fast_loss, mlp as fast_mlp
 from npllama.fast import rmsnorm as fast_rmsnorm, rope as fast_rope
+from npllama.fast import linear as fast_linear
 from npllama.fast.linear import backward_split
 from npllama.fast.storage import STACKED
 from npllama.layers import attention, linear, loss, mlp, rmsnorm, rope
@@ -113,6 +114,21 @@ def test_mlp(is_stacked, bias):
     dx_fast, g_fast = fast_mlp.backward(dy, c_fast)
     close(dx_fast, dx_ref)
     grads_close(g_fast, g_ref)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_backward_lays_dW_out_like_W(bias):
+    x, dy = rng.standard_normal((2, 3, 6)), rng.standard_normal((2, 3, 14))
+    W, b = rng.standard_normal((14, 6)), (rng.standard_normal(14) if bias else None)
+    Wt = np.ascontiguousarray(W.T).T                       # (out, in), kept (in, out) in memory (fast.storage)
+    for w in (W, Wt):
+        y, c = linear.forward(x, w, b)
+        dx, dW, db = fast_linear.backward(dy, c)
+        rdx, rdW, rdb = linear.backward(dy, linear.forward(x, W, b)[1])
+        close(dx, rdx)
+        close(dW, rdW)
+        assert (db is None) == (not bias) and (db is None or np.allclose(db, rdb))
+        assert dW.flags.c_contiguous == w.flags.c_contiguous and dW.T.flags.c_contiguous == w.T.flags.c_contiguous
 
 
 def test_stacked_linear_backward():

@@ -15,17 +15,17 @@ EPS = 1e-6
 
 def numgrad(f, x, n_samples=None):
     """Central differences of scalar f at (a sample of) the entries of x, in place."""
-    g = np.zeros_like(x)
-    flat = x.reshape(-1)
-    idx = range(flat.size) if n_samples is None else rng.choice(flat.size, min(n_samples, flat.size), replace=False)
+    g = np.zeros(x.shape)
+    idx = range(x.size) if n_samples is None else rng.choice(x.size, min(n_samples, x.size), replace=False)
     for i in idx:
-        old = flat[i]
-        flat[i] = old + EPS
+        at = np.unravel_index(i, x.shape)   # not x.reshape(-1)[i]: a transposed view (fast.storage) would copy
+        old = x[at]
+        x[at] = old + EPS
         fp = f()
-        flat[i] = old - EPS
+        x[at] = old - EPS
         fm = f()
-        flat[i] = old
-        g.reshape(-1)[i] = (fp - fm) / (2 * EPS)
+        x[at] = old
+        g[at] = (fp - fm) / (2 * EPS)
     return g, list(idx)
 
 

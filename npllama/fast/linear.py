@@ -1,10 +1,22 @@
-"""The backward of several projections of one input done as one stacked product (see fast.storage)."""
+"""The linear layer's backward as the speed layer runs it: dW laid out like W, and the backward of several
+projections of one input done as one stacked product (see fast.storage)."""
 from __future__ import annotations
 
 from typing import Any
 
 from npllama.backend import get_array_module
 from npllama.layers import linear, projection
+
+
+def backward(dy: Any, cache: linear.LinearCache) -> tuple[Any, Any, Any]:
+    """= layers.linear.backward, but a W kept (in, out) in memory (a tall matrix: fast.storage) gets its
+    dW in the same order, so the optimizer's element-wise update walks both alike (mixed orders: 2x slower)."""
+    x, W, has_bias, frozen = cache
+    if frozen or W.flags.c_contiguous or not W.T.flags.c_contiguous:
+        return linear.backward(dy, cache)
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])    # (N, out), (N, in)
+    db = dy2.sum(axis=0) if has_bias else None
+    return (dy2 @ W).reshape(x.shape), (x2.T @ dy2).T, db
 
 
 def backward_split(names: tuple[str, ...], dys: tuple[Any, ...], caches: tuple, grads: dict[str, Any]) -> Any:
@@ -16,7 +28,7 @@ def backward_split(names: tuple[str, ...], dys: tuple[Any, ...], caches: tuple, 
     """
     if len(caches) == 1:
         xp = get_array_module(dys[0])
-        dx, dW, db = linear.backward(xp.concatenate(dys, axis=-1), caches[0])
+        dx, dW, db = backward(xp.concatenate(dys, axis=-1), caches[0])
         if dW is None:
             return dx
         bounds = [0]

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from npllama.fast import attention, loss, mlp, rmsnorm
+from npllama.fast import attention, linear, loss, mlp, rmsnorm
 from npllama.transformer import Context, ReferenceOps
 
 
 class FastOps(ReferenceOps):
     """`npllama.fast`'s layers: stacked weights (fast.storage), blocked attention, and the fused CUDA kernels
-    on CuPy when `fused`. Embedding and the linear head are the reference functions: nothing to gain there."""
+    on CuPy when `fused`. Embedding and the head's forward are the reference functions: nothing to gain there."""
 
     def __init__(self, config: Any, fused: bool = False) -> None:
         super().__init__(config)
@@ -36,6 +36,9 @@ class FastOps(ReferenceOps):
 
     def mlp_backward(self, dy: Any, cache: Any) -> tuple[Any, dict]:
         return mlp.backward(dy, cache, self.fused)
+
+    def linear_backward(self, dy: Any, cache: Any) -> tuple[Any, Any, Any]:
+        return linear.backward(dy, cache)
 
     def loss(self, logits: Any, targets: Any, ignore_index: int) -> tuple[float, Any]:
         return loss.forward(logits, targets, ignore_index)

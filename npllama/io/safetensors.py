@@ -187,8 +187,8 @@ class SafetensorsFile:
                 n = f.readinto(memoryview(raw))
                 if dt == "BF16":
                     raw = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-                np.copyto(out, raw.view(_DTYPES[dt] if dt != "BF16" else np.float32).reshape(out.shape),
-                          casting="unsafe")
+                from npllama.fast.storage import fill   # a transposed `out` is filled in row blocks
+                fill(out, raw.view(_DTYPES[dt] if dt != "BF16" else np.float32).reshape(out.shape))
         if n != b - a:  # the file shrank since its header was read
             raise WeightsError(f"{self.path}: truncated file: tensor {name!r} is cut short")
 
