@@ -20,6 +20,8 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from npllama.errors import NpllamaError
 
@@ -172,3 +174,21 @@ def apply(use_threadpoolctl: bool = True) -> int | None:
         return None
     _state["last_set"] = n
     return n
+
+
+@contextmanager
+def split(n_tasks: int) -> Iterator[int]:
+    """For a stretch of work cut into n_tasks independent pieces: yields how many Python threads should
+    run them (the BLAS thread count, at most n_tasks), with BLAS held to one thread meanwhile, so each
+    core runs one piece's products *and* its element-wise NumPy work (which is single-threaded).
+    Yields 1 (nothing changed) where OpenBLAS cannot be driven through ctypes."""
+    lib = _openblas_lib()
+    before = 1 if lib is None else int(lib[1]())
+    if min(before, n_tasks) <= 1:
+        yield 1
+        return
+    lib[0](1)
+    try:
+        yield min(before, n_tasks)
+    finally:
+        lib[0](before)

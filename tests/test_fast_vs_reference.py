@@ -96,6 +96,40 @@ def test_attention_with_a_kv_cache_and_padding(block, keep, monkeypatch):
     close(kv_fast[1], kv_ref[1])
 
 
+def test_inference_attention_shared_over_threads(monkeypatch):
+    """A long prompt's attention blocks run on two threads (BLAS held to one meanwhile): same result."""
+    from npllama import blasthreads
+    monkeypatch.setattr(fast_attention, "PARALLEL_MIN", 1)            # this small call counts as long
+    monkeypatch.setattr(fast_attention, "BLOCK", 3)
+    shares = []
+    real_share = fast_attention._share
+    monkeypatch.setattr(fast_attention, "_share", lambda n, jobs: (shares.append((n, len(jobs))), real_share(n, jobs)))
+    before = blasthreads.get_threads(use_threadpoolctl=False)
+    assert before is not None, "NumPy's OpenBLAS was not found through ctypes"
+    blasthreads.set_threads(2, use_threadpoolctl=False)
+    try:
+        B, T, D, H, KV, hd, start = 3, 10, 24, 6, 2, 4, 5
+        cfg = LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
+                          num_key_value_heads=KV, head_dim=hd, vocab_size=5)
+        p = {f"{n}.weight": 0.3 * rng.standard_normal(s) for n, s in
+             (("q_proj", (H * hd, D)), ("k_proj", (KV * hd, D)), ("v_proj", (KV * hd, D)), ("o_proj", (D, H * hd)))}
+        x = rng.standard_normal((B, T, D))
+        cos, sin = rope.tables(cfg, np.arange(start, start + T), np.float64)
+        key_mask = np.ones((B, start + T), dtype=bool)
+        key_mask[1, :start + 1] = False
+        earlier = rng.standard_normal((2, B, KV, 16, hd))
+        ys = []
+        for impl, more in ((attention, {}), (fast_attention, {"keep": False})):
+            kv = (earlier[0].copy(), earlier[1].copy())
+            ys.append(impl.forward(x, p, cos, sin, H, KV, hd, kv=kv, start_pos=start, key_mask=key_mask, **more)[0])
+        real = key_mask[:, start:]
+        close(ys[1][real], ys[0][real])
+        assert shares == [(2, B * KV * 4)]                         # 4 blocks of 3 queries, per row and KV head
+        assert blasthreads.get_threads(use_threadpoolctl=False) == 2   # BLAS's count is back
+    finally:
+        blasthreads.set_threads(before, use_threadpoolctl=False)
+
+
 @pytest.mark.parametrize("is_stacked", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_mlp(is_stacked, bias):

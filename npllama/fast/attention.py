@@ -12,8 +12,12 @@ rescaling as in FlashAttention; the backward walks the same blocks.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
+import numpy as np
+
+from npllama import blasthreads
 from npllama.backend import fused_kernels, get_array_module
 from npllama.fast import rope
 from npllama.fast.linear import backward_split
@@ -97,27 +101,56 @@ def _infer(qg: Any, k: Any, v: Any, scale: float, start_pos: int, G: int, key_ma
     """The forward's attention core when no backward follows: the same blocks, three passes fewer over the
     scores. The scale goes on the queries (T rows, not T x S scores), the causal mask only on the keys a block
     shares with its own queries (the ones before it are seen by all), and the softmax's division on the
-    (rows, hd) output instead of the (rows, S) weights. qg (B, KV, T G, hd) -> (B, KV, T G, hd)."""
+    (rows, hd) output instead of the (rows, S) weights. On the host a long prompt's blocks are shared out
+    over the free cores, one (block, batch row, KV head) at a time: the element-wise passes (max, exp, sum)
+    are single-threaded in NumPy and at 8k tokens cost more than the products. qg (B, KV, T G, hd) -> same."""
     xp = get_array_module(qg)
     B, KV, TG, hd = qg.shape
     qg = qg * qg.dtype.type(scale)
     kT = k.transpose(0, 1, 3, 2)                                             # (B, KV, hd, S)
     out = xp.empty_like(qg)
     lowest = xp.finfo(qg.dtype).min      # finite, as in _causal_softmax_: a fully masked row stays finite
-    for t0, t1 in _blocks(TG // G):
+
+    def block(bs: slice, hs: slice, t0: int, t1: int) -> None:
         n, S0, S1, rows = t1 - t0, start_pos + t0, start_pos + t1, slice(t0 * G, t1 * G)
-        s = qg[:, :, rows] @ kT[..., :S1]                                    # (B, KV, n G, S1)
+        s = qg[bs, hs, rows] @ kT[bs, hs, :, :S1]                            # (b, h, n G, S1)
+        b, h = s.shape[:2]
         if n > 1:   # query t0 + i sees keys up to S0 + i: only the block's last n keys need masking
             hide = xp.arange(n)[None, :] > xp.arange(n)[:, None]                              # (n, n)
-            xp.copyto(s.reshape(B, KV, n, G, S1)[..., S0:], lowest, where=hide[:, None, :])
+            xp.copyto(s.reshape(b, h, n, G, S1)[..., S0:], lowest, where=hide[:, None, :])
         if key_mask is not None:
-            xp.copyto(s.reshape(B, KV, n, G, S1), lowest, where=~key_mask[:, None, None, None, :S1].astype(bool))
+            xp.copyto(s.reshape(b, h, n, G, S1), lowest, where=~key_mask[bs, None, None, None, :S1].astype(bool))
         s -= s.max(axis=-1, keepdims=True)
         e = xp.exp(s, out=s)
-        o = e @ v[:, :, :S1]                                                 # (B, KV, n G, hd)
+        o = e @ v[bs, hs, :S1]                                               # (b, h, n G, hd)
         o /= e.sum(axis=-1, keepdims=True)
-        out[:, :, rows] = o
+        out[bs, hs, rows] = o
+
+    T = TG // G
+    if xp is np and B * KV * TG * (start_pos + T / 2) >= PARALLEL_MIN:
+        tasks = [(slice(b, b + 1), slice(h, h + 1), t0, t1)       # the costliest (last) blocks first
+                 for t0, t1 in reversed(_blocks(T)) for b in range(B) for h in range(KV)]
+        with blasthreads.split(len(tasks)) as n:
+            if n > 1:
+                _share(n, [lambda t=t: block(*t) for t in tasks])
+                return out
+    everything = slice(None)
+    for t0, t1 in _blocks(T):
+        block(everything, everything, t0, t1)
     return out
+
+
+PARALLEL_MIN = 1 << 21   # score entries (rows x keys) of a call below which one thread does it all
+_pool: list = []
+
+
+def _share(n: int, jobs: list) -> None:
+    """Run jobs on n threads, dealt out in turn (jobs come costliest first, so the shares come out even)."""
+    if not _pool:
+        _pool.append(ThreadPoolExecutor(max_workers=blasthreads.cores(), thread_name_prefix="npllama-attn"))
+    futures = [_pool[0].submit(lambda share=jobs[i::n]: [job() for job in share]) for i in range(n)]
+    for f in futures:
+        f.result()                                                           # re-raises a worker's error
 
 
 def _blocks(T: int) -> list[tuple[int, int]]:
