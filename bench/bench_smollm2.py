@@ -239,12 +239,14 @@ def side(which: str, paths: dict, a: argparse.Namespace) -> dict:
         gtoks: list = []
         res["generate_s"] = C.timeit(lambda: gtoks.append(gen()), a.reps)
         res["generate_tokens"] = len(gtoks[-1])
+    # the batch-1 peak (what an embedded single-stream user holds), before a batch's larger cache and logits
+    res["peak_rss_mb"] = C.peak_rss_mb()
     if run_batch is not None:
         btoks: list = []
         res["batch_decode_s"] = C.timeit(lambda: btoks.append(run_batch()), a.reps)
         res["batch_tokens"] = btoks[-1]
         res["batch"] = a.batch
-    res["peak_rss_mb"] = C.peak_rss_mb()
+        res["peak_rss_batch_mb"] = C.peak_rss_mb()
     # load time again in this (warm) process, after the measurements above so the peak RSS is not touched
     if which != "llama.cpp" and a.load_reps > 1:
         which = "npllama" if which.startswith("npllama") else which
@@ -274,6 +276,7 @@ def summarize(r: dict, a: argparse.Namespace, ceil: dict) -> dict:
     if "batch_decode_s" in r:
         # every row's new tokens, over the whole call (the B prompts' prefill included)
         s["batch_decode_tok_s"] = r["batch"] * a.new_tokens / C.med(r["batch_decode_s"])
+        s["peak_rss_batch_mb"] = r["peak_rss_batch_mb"]
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}
 
 
@@ -364,22 +367,22 @@ def render(d: dict, a: argparse.Namespace) -> str:
     rows = []
     for side, v in s.items():
         if "error" in v:
-            rows.append([side, "error: " + v["error"][:80]] + [None] * 7)
+            rows.append([side, "error: " + v["error"][:80]] + [None] * 8)
             continue
         pct = round(100 * v["decode_tok_s"] / cap) if cap else None
         # llama.cpp's high-level API decodes one sequence: no batch figure ("-"), not a missing one
         batch = "-" if side == "llama.cpp" else v.get("batch_decode_tok_s")
         rows.append([side, v["load_s"], v["prefill_tok_s"], v["decode_tok_s"],
                      f"{pct}%" if pct is not None else None, v["peak_rss_mb"],
-                     v.get("generate_tok_s"), batch, v.get("threads")])
+                     v.get("generate_tok_s"), batch, v.get("peak_rss_batch_mb"), v.get("threads")])
     for side, r in d["raw"].items():
         if "skipped" in r:
-            rows.append([side, "skipped: " + r["skipped"]] + [None] * 7)
+            rows.append([side, "skipped: " + r["skipped"]] + [None] * 8)
     out = [f"### SmolLM2-135M-Instruct, float32, batch 1 ({d['machine']['cores']} cores, {d['machine']['cpu']})", "",
            C.md_table(["side", "load s", f"prefill-{a.prefill} tok/s",
-                       f"decode tok/s ({a.prompt}+{a.new_tokens})", "of bw ceiling", "peak RSS MiB",
+                       f"decode tok/s ({a.prompt}+{a.new_tokens})", "of bw ceiling", "peak RSS MiB (batch 1)",
                        "generate() tok/s", f"batch-{a.batch} decode tok/s ({a.prompt}+{a.new_tokens} each)",
-                       "threads"], rows), ""]
+                       f"peak RSS MiB after batch {a.batch}", "threads"], rows), ""]
     if a.busy:
         out.insert(1, f"Busy machine: every side ran next to {a.busy} competing CPU-bound process(es) "
                       "(`python -c 'while True: pass'`), started before the side and stopped after it.")
