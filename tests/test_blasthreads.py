@@ -114,3 +114,27 @@ def test_a_bad_override_is_one_line_and_exit_2_in_the_cli(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["npllama: error: NPLLAMA_BLAS_THREADS='two': expected a positive "
                                              "integer, 'auto' or 'keep'"]
+
+
+def test_shared_work_restores_blas_and_reraises_a_workers_error():
+    blasthreads = bt
+    from npllama.fast import threads
+    before = blasthreads.get_threads(use_threadpoolctl=False)
+    assert before is not None, "NumPy's OpenBLAS was not found through ctypes"
+    blasthreads.set_threads(2, use_threadpoolctl=False)
+    try:
+        seen = []
+        threads.share([lambda: seen.append(blasthreads.get_threads(use_threadpoolctl=False)) for _ in range(4)])
+        assert seen == [1, 1, 1, 1] and blasthreads.get_threads(use_threadpoolctl=False) == 2
+
+        def bad():
+            raise ValueError("piece 3 failed")
+        with pytest.raises(ValueError, match="piece 3 failed"):
+            threads.share([lambda: None, bad, lambda: None])
+        assert blasthreads.get_threads(use_threadpoolctl=False) == 2     # restored on the error path too
+        with blasthreads.split(1) as n:                                  # one piece: nothing to share
+            assert n == 1 and blasthreads.get_threads(use_threadpoolctl=False) == 2
+        assert [(r.start, r.stop) for r in threads.row_blocks(10, 4)] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+        assert len(threads.row_blocks(3, 8)) == 3
+    finally:
+        blasthreads.set_threads(before, use_threadpoolctl=False)

@@ -96,14 +96,32 @@ def test_attention_with_a_kv_cache_and_padding(block, keep, monkeypatch):
     close(kv_fast[1], kv_ref[1])
 
 
+def _watch_shares(monkeypatch) -> list:
+    """Record each threads.share call: (jobs, BLAS thread counts seen inside: {1} when it was shared out)."""
+    from npllama import blasthreads
+    from npllama.fast import threads
+    calls, real = [], threads.share
+
+    def share(jobs):
+        counts = set()
+
+        def wrap(job):
+            def run():
+                counts.add(blasthreads.get_threads(use_threadpoolctl=False))
+                job()
+            return run
+        real([wrap(j) for j in jobs])
+        calls.append((len(jobs), counts))
+    monkeypatch.setattr(threads, "share", share)
+    return calls
+
+
 def test_inference_attention_shared_over_threads(monkeypatch):
     """A long prompt's attention blocks run on two threads (BLAS held to one meanwhile): same result."""
     from npllama import blasthreads
     monkeypatch.setattr(fast_attention, "PARALLEL_MIN", 1)            # this small call counts as long
     monkeypatch.setattr(fast_attention, "BLOCK", 3)
-    shares = []
-    real_share = fast_attention._share
-    monkeypatch.setattr(fast_attention, "_share", lambda n, jobs: (shares.append((n, len(jobs))), real_share(n, jobs)))
+    shares = _watch_shares(monkeypatch)
     before = blasthreads.get_threads(use_threadpoolctl=False)
     assert before is not None, "NumPy's OpenBLAS was not found through ctypes"
     blasthreads.set_threads(2, use_threadpoolctl=False)
@@ -124,8 +142,38 @@ def test_inference_attention_shared_over_threads(monkeypatch):
             ys.append(impl.forward(x, p, cos, sin, H, KV, hd, kv=kv, start_pos=start, key_mask=key_mask, **more)[0])
         real = key_mask[:, start:]
         close(ys[1][real], ys[0][real])
-        assert shares == [(2, B * KV * 4)]                         # 4 blocks of 3 queries, per row and KV head
+        assert shares == [(B * KV * 4, {1})]     # 4 blocks of 3 queries per row and KV head, BLAS at 1 meanwhile
         assert blasthreads.get_threads(use_threadpoolctl=False) == 2   # BLAS's count is back
+    finally:
+        blasthreads.set_threads(before, use_threadpoolctl=False)
+
+
+def test_mlp_elementwise_shared_over_threads(monkeypatch):
+    """A long prompt's SwiGLU element-wise part runs in row blocks on two threads: the same bits, same grads."""
+    from npllama import blasthreads
+    monkeypatch.setattr(fast_mlp, "PARALLEL_MIN", 1)
+    shares = _watch_shares(monkeypatch)
+    before = blasthreads.get_threads(use_threadpoolctl=False)
+    assert before is not None, "NumPy's OpenBLAS was not found through ctypes"
+    blasthreads.set_threads(2, use_threadpoolctl=False)
+    try:
+        D, I = 12, 20
+        p = {"gate_proj.weight": rng.standard_normal((I, D)), "up_proj.weight": rng.standard_normal((I, D)),
+             "down_proj.weight": rng.standard_normal((D, I))}
+        x, dy = rng.standard_normal((2, 7, D)), rng.standard_normal((2, 7, D))
+        y_ref, c_ref = mlp.forward(x, p)
+        y, c = fast_mlp.forward(x, stack(dict(p), "gate_up_proj", ("gate_proj", "up_proj")))
+        g, u = c.g, c.u
+        s = 1.0 / (1.0 + np.exp(-g))
+        np.testing.assert_array_equal(c.s, s)                       # exactly the plain expressions
+        np.testing.assert_array_equal(c.a, g * s)
+        close(y, y_ref)
+        dx_ref, g_ref = mlp.backward(dy, c_ref)
+        dx, gr = fast_mlp.backward(dy, c)
+        close(dx, dx_ref)
+        grads_close(gr, g_ref)
+        assert shares == [(4, {1})]                                # 4 row blocks, BLAS held to 1 meanwhile
+        assert blasthreads.get_threads(use_threadpoolctl=False) == 2
     finally:
         blasthreads.set_threads(before, use_threadpoolctl=False)
 

@@ -12,14 +12,12 @@ rescaling as in FlashAttention; the backward walks the same blocks.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from npllama import blasthreads
 from npllama.backend import fused_kernels, get_array_module
-from npllama.fast import rope
+from npllama.fast import rope, threads
 from npllama.fast.linear import backward_split
 from npllama.layers import linear, projection
 
@@ -130,10 +128,8 @@ def _infer(qg: Any, k: Any, v: Any, scale: float, start_pos: int, G: int, key_ma
     if xp is np and B * KV * TG * (start_pos + T / 2) >= PARALLEL_MIN:
         tasks = [(slice(b, b + 1), slice(h, h + 1), t0, t1)       # the costliest (last) blocks first
                  for t0, t1 in reversed(_blocks(T)) for b in range(B) for h in range(KV)]
-        with blasthreads.split(len(tasks)) as n:
-            if n > 1:
-                _share(n, [lambda t=t: block(*t) for t in tasks])
-                return out
+        threads.share([lambda t=t: block(*t) for t in tasks])
+        return out
     everything = slice(None)
     for t0, t1 in _blocks(T):
         block(everything, everything, t0, t1)
@@ -141,16 +137,6 @@ def _infer(qg: Any, k: Any, v: Any, scale: float, start_pos: int, G: int, key_ma
 
 
 PARALLEL_MIN = 1 << 21   # score entries (rows x keys) of a call below which one thread does it all
-_pool: list = []
-
-
-def _share(n: int, jobs: list) -> None:
-    """Run jobs on n threads, dealt out in turn (jobs come costliest first, so the shares come out even)."""
-    if not _pool:
-        _pool.append(ThreadPoolExecutor(max_workers=blasthreads.cores(), thread_name_prefix="npllama-attn"))
-    futures = [_pool[0].submit(lambda share=jobs[i::n]: [job() for job in share]) for i in range(n)]
-    for f in futures:
-        f.result()                                                           # re-raises a worker's error
 
 
 def _blocks(T: int) -> list[tuple[int, int]]:
