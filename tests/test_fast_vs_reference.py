@@ -178,6 +178,30 @@ def test_mlp_elementwise_shared_over_threads(monkeypatch):
         blasthreads.set_threads(before, use_threadpoolctl=False)
 
 
+def test_loss_rows_shared_over_threads(monkeypatch):
+    """A big batch's cross-entropy runs in row blocks on two threads: the same bits as in one thread."""
+    from npllama import blasthreads
+    logits, targets = rng.standard_normal((37, 50)) * 4, rng.integers(0, 50, 37)
+    targets[:3] = -100
+    loss_one, c_one = fast_loss.forward(logits, targets)
+    d_one = fast_loss.backward(1.0, c_one)
+    monkeypatch.setattr(fast_loss, "PARALLEL_MIN", 1)
+    shares = _watch_shares(monkeypatch)
+    before = blasthreads.get_threads(use_threadpoolctl=False)
+    assert before is not None, "NumPy's OpenBLAS was not found through ctypes"
+    blasthreads.set_threads(2, use_threadpoolctl=False)
+    try:
+        loss_two, c_two = fast_loss.forward(logits, targets)
+        d_two = fast_loss.backward(1.0, c_two)
+    finally:
+        blasthreads.set_threads(before, use_threadpoolctl=False)
+    assert loss_two == loss_one and shares == [(8, {1})]
+    np.testing.assert_array_equal(d_two, d_one)
+    ref_loss, ref_cache = loss.forward(logits, targets)                # and the reference agrees
+    assert abs(loss_two - ref_loss) <= 1e-12 * abs(ref_loss)
+    close(d_two, loss.backward(1.0, ref_cache))
+
+
 @pytest.mark.parametrize("is_stacked", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_mlp(is_stacked, bias):
