@@ -149,7 +149,7 @@ def test_inference_attention_shared_over_threads(monkeypatch):
 
 
 def test_mlp_elementwise_shared_over_threads(monkeypatch):
-    """A long prompt's SwiGLU element-wise part runs in row blocks on two threads: the same bits, same grads."""
+    """A long prompt's SwiGLU element-wise parts (forward and backward) run in row blocks on two threads."""
     from npllama import blasthreads
     monkeypatch.setattr(fast_mlp, "PARALLEL_MIN", 1)
     shares = _watch_shares(monkeypatch)
@@ -172,7 +172,7 @@ def test_mlp_elementwise_shared_over_threads(monkeypatch):
         dx, gr = fast_mlp.backward(dy, c)
         close(dx, dx_ref)
         grads_close(gr, g_ref)
-        assert shares == [(4, {1})]                                # 4 row blocks, BLAS held to 1 meanwhile
+        assert shares == [(4, {1})] * 2               # forward and backward: 4 row blocks, BLAS held to 1 meanwhile
         assert blasthreads.get_threads(use_threadpoolctl=False) == 2
     finally:
         blasthreads.set_threads(before, use_threadpoolctl=False)
