@@ -29,6 +29,7 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
+from npllama import blasthreads
 from npllama.io.atomic import atomic_path
 from npllama.train.checkpoint import (CheckpointError, first_nonfinite, latest_checkpoint, load_checkpoint,
                                       save_checkpoint)
@@ -248,6 +249,8 @@ class Trainer:
             return os.path.join(self.ckpt_dir, f"step_{self.step:06d}")
         state = {"train_config": asdict(self.cfg), "data": {"train": self.train.state_dict()},
                  "tokens_seen": self.tokens_seen, "dtype": m.dtype.name, **self.extra_state}
+        if m.xp is np and (n := blasthreads.get_threads(use_threadpoolctl=False)):
+            state["blas_threads"] = n          # OpenBLAS's sums depend on its thread count: resume with the same
         if m.lora is not None:
             state["lora"], state["lora_draws"] = asdict(m.lora), int(m._lora_draws)
         self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.step, params, opt_state,
@@ -279,6 +282,10 @@ class Trainer:
                 raise ValueError(f"{ck['path']}: parameter {k!r} has shape {src.shape}, the model has {p.shape}")
             p[...] = xp.asarray(src)
         self.opt.load_state_dict(ck["optimizer"])
+        if m.xp is np and st.get("blas_threads"):
+            # the load-time thread policy may have picked another count on a busier (or quieter) machine;
+            # the products then round differently and the run would not continue bit for bit
+            blasthreads.set_threads(int(st["blas_threads"]), use_threadpoolctl=False)
         self.step = int(st["step"])
         self.tokens_seen = int(st.get("tokens_seen", self.tokens_per_step * self.step))
         if m.lora is not None:
