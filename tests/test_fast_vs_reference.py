@@ -96,6 +96,17 @@ def test_attention_with_a_kv_cache_and_padding(block, keep, monkeypatch):
     close(kv_fast[1], kv_ref[1])
 
 
+@pytest.fixture()
+def two_blas_threads():
+    """NumPy's OpenBLAS at 2 threads for the test (the shared-work paths need more than one), then as it was."""
+    from npllama import blasthreads
+    before = blasthreads.get_threads(use_threadpoolctl=False)
+    assert before is not None, "NumPy's OpenBLAS was not found through ctypes"
+    blasthreads.set_threads(2, use_threadpoolctl=False)
+    yield blasthreads
+    blasthreads.set_threads(before, use_threadpoolctl=False)
+
+
 def _watch_shares(monkeypatch) -> list:
     """Record each threads.share call: (jobs, BLAS thread counts seen inside: {1} when it was shared out)."""
     from npllama import blasthreads
@@ -116,85 +127,66 @@ def _watch_shares(monkeypatch) -> list:
     return calls
 
 
-def test_inference_attention_shared_over_threads(monkeypatch):
+def test_inference_attention_shared_over_threads(monkeypatch, two_blas_threads):
     """A long prompt's attention blocks run on two threads (BLAS held to one meanwhile): same result."""
-    from npllama import blasthreads
+    blasthreads = two_blas_threads
     monkeypatch.setattr(fast_attention, "PARALLEL_MIN", 1)            # this small call counts as long
     monkeypatch.setattr(fast_attention, "BLOCK", 3)
     shares = _watch_shares(monkeypatch)
-    before = blasthreads.get_threads(use_threadpoolctl=False)
-    assert before is not None, "NumPy's OpenBLAS was not found through ctypes"
-    blasthreads.set_threads(2, use_threadpoolctl=False)
-    try:
-        B, T, D, H, KV, hd, start = 3, 10, 24, 6, 2, 4, 5
-        cfg = LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
-                          num_key_value_heads=KV, head_dim=hd, vocab_size=5)
-        p = {f"{n}.weight": 0.3 * rng.standard_normal(s) for n, s in
-             (("q_proj", (H * hd, D)), ("k_proj", (KV * hd, D)), ("v_proj", (KV * hd, D)), ("o_proj", (D, H * hd)))}
-        x = rng.standard_normal((B, T, D))
-        cos, sin = rope.tables(cfg, np.arange(start, start + T), np.float64)
-        key_mask = np.ones((B, start + T), dtype=bool)
-        key_mask[1, :start + 1] = False
-        earlier = rng.standard_normal((2, B, KV, 16, hd))
-        ys = []
-        for impl, more in ((attention, {}), (fast_attention, {"keep": False})):
-            kv = (earlier[0].copy(), earlier[1].copy())
-            ys.append(impl.forward(x, p, cos, sin, H, KV, hd, kv=kv, start_pos=start, key_mask=key_mask, **more)[0])
-        real = key_mask[:, start:]
-        close(ys[1][real], ys[0][real])
-        assert shares == [(B * KV * 4, {1})]     # 4 blocks of 3 queries per row and KV head, BLAS at 1 meanwhile
-        assert blasthreads.get_threads(use_threadpoolctl=False) == 2   # BLAS's count is back
-    finally:
-        blasthreads.set_threads(before, use_threadpoolctl=False)
+    B, T, D, H, KV, hd, start = 3, 10, 24, 6, 2, 4, 5
+    cfg = LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
+                      num_key_value_heads=KV, head_dim=hd, vocab_size=5)
+    p = {f"{n}.weight": 0.3 * rng.standard_normal(s) for n, s in
+         (("q_proj", (H * hd, D)), ("k_proj", (KV * hd, D)), ("v_proj", (KV * hd, D)), ("o_proj", (D, H * hd)))}
+    x = rng.standard_normal((B, T, D))
+    cos, sin = rope.tables(cfg, np.arange(start, start + T), np.float64)
+    key_mask = np.ones((B, start + T), dtype=bool)
+    key_mask[1, :start + 1] = False
+    earlier = rng.standard_normal((2, B, KV, 16, hd))
+    ys = []
+    for impl, more in ((attention, {}), (fast_attention, {"keep": False})):
+        kv = (earlier[0].copy(), earlier[1].copy())
+        ys.append(impl.forward(x, p, cos, sin, H, KV, hd, kv=kv, start_pos=start, key_mask=key_mask, **more)[0])
+    real = key_mask[:, start:]
+    close(ys[1][real], ys[0][real])
+    assert shares == [(B * KV * 4, {1})]     # 4 blocks of 3 queries per row and KV head, BLAS at 1 meanwhile
+    assert blasthreads.get_threads(use_threadpoolctl=False) == 2   # BLAS's count is back
 
 
-def test_mlp_elementwise_shared_over_threads(monkeypatch):
+def test_mlp_elementwise_shared_over_threads(monkeypatch, two_blas_threads):
     """A long prompt's SwiGLU element-wise parts (forward and backward) run in row blocks on two threads."""
-    from npllama import blasthreads
+    blasthreads = two_blas_threads
     monkeypatch.setattr(fast_mlp, "PARALLEL_MIN", 1)
     shares = _watch_shares(monkeypatch)
-    before = blasthreads.get_threads(use_threadpoolctl=False)
-    assert before is not None, "NumPy's OpenBLAS was not found through ctypes"
-    blasthreads.set_threads(2, use_threadpoolctl=False)
-    try:
-        D, I = 12, 20
-        p = {"gate_proj.weight": rng.standard_normal((I, D)), "up_proj.weight": rng.standard_normal((I, D)),
-             "down_proj.weight": rng.standard_normal((D, I))}
-        x, dy = rng.standard_normal((2, 7, D)), rng.standard_normal((2, 7, D))
-        y_ref, c_ref = mlp.forward(x, p)
-        y, c = fast_mlp.forward(x, stack(dict(p), "gate_up_proj", ("gate_proj", "up_proj")))
-        g = c.g
-        s = 1.0 / (1.0 + np.exp(-g))
-        np.testing.assert_array_equal(c.s, s)                       # exactly the plain expressions
-        np.testing.assert_array_equal(c.a, g * s)
-        close(y, y_ref)
-        dx_ref, g_ref = mlp.backward(dy, c_ref)
-        dx, gr = fast_mlp.backward(dy, c)
-        close(dx, dx_ref)
-        grads_close(gr, g_ref)
-        assert shares == [(4, {1})] * 2               # forward and backward: 4 row blocks, BLAS held to 1 meanwhile
-        assert blasthreads.get_threads(use_threadpoolctl=False) == 2
-    finally:
-        blasthreads.set_threads(before, use_threadpoolctl=False)
+    D, I = 12, 20
+    p = {"gate_proj.weight": rng.standard_normal((I, D)), "up_proj.weight": rng.standard_normal((I, D)),
+         "down_proj.weight": rng.standard_normal((D, I))}
+    x, dy = rng.standard_normal((2, 7, D)), rng.standard_normal((2, 7, D))
+    y_ref, c_ref = mlp.forward(x, p)
+    y, c = fast_mlp.forward(x, stack(dict(p), "gate_up_proj", ("gate_proj", "up_proj")))
+    g = c.g
+    s = 1.0 / (1.0 + np.exp(-g))
+    np.testing.assert_array_equal(c.s, s)                       # exactly the plain expressions
+    np.testing.assert_array_equal(c.a, g * s)
+    close(y, y_ref)
+    dx_ref, g_ref = mlp.backward(dy, c_ref)
+    dx, gr = fast_mlp.backward(dy, c)
+    close(dx, dx_ref)
+    grads_close(gr, g_ref)
+    assert shares == [(4, {1})] * 2               # forward and backward: 4 row blocks, BLAS held to 1 meanwhile
+    assert blasthreads.get_threads(use_threadpoolctl=False) == 2
 
 
-def test_loss_rows_shared_over_threads(monkeypatch):
+def test_loss_rows_shared_over_threads(monkeypatch, two_blas_threads):
     """A big batch's cross-entropy runs in row blocks on two threads: the same bits as in one thread."""
-    from npllama import blasthreads
     logits, targets = rng.standard_normal((37, 50)) * 4, rng.integers(0, 50, 37)
     targets[:3] = -100
     loss_one, c_one = fast_loss.forward(logits, targets)
     d_one = fast_loss.backward(1.0, c_one)
     monkeypatch.setattr(fast_loss, "PARALLEL_MIN", 1)
     shares = _watch_shares(monkeypatch)
-    before = blasthreads.get_threads(use_threadpoolctl=False)
-    assert before is not None, "NumPy's OpenBLAS was not found through ctypes"
-    blasthreads.set_threads(2, use_threadpoolctl=False)
-    try:
-        loss_two, c_two = fast_loss.forward(logits, targets)
-        d_two = fast_loss.backward(1.0, c_two)
-    finally:
-        blasthreads.set_threads(before, use_threadpoolctl=False)
+    loss_two, c_two = fast_loss.forward(logits, targets)
+    d_two = fast_loss.backward(1.0, c_two)
     assert loss_two == loss_one and shares == [(8, {1})]
     np.testing.assert_array_equal(d_two, d_one)
     ref_loss, ref_cache = loss.forward(logits, targets)                # and the reference agrees
