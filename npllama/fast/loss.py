@@ -55,7 +55,7 @@ def _exp_shared(logits: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, np.nda
         z_tgt[r] = z[np.arange(z.shape[0]), tgt[r]]
         np.exp(z, out=z)
         sumexp[r] = z.sum(axis=-1)
-    threads.share([lambda r=r: rows(r) for r in threads.row_blocks(N, 8)])
+    threads.share_rows(rows, N, 8)
     return e, z_tgt, sumexp
 
 

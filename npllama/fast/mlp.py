@@ -67,7 +67,7 @@ def _swiglu_shared(g: Any, u: Any) -> tuple[Any, Any, Any]:
         np.reciprocal(sr, out=sr)                                            # 1 / (1 + exp(-g)): sigmoid(g)
         np.multiply(g2[r], sr, out=a[r])
         np.multiply(a[r], u2[r], out=h[r])
-    threads.share([lambda r=r: rows(r) for r in threads.row_blocks(g2.shape[0], 4)])
+    threads.share_rows(rows, g2.shape[0], 4)
     return tuple(x.reshape(g.shape) for x in (s, a, h))
 
 
@@ -85,7 +85,7 @@ def _swiglu_backward_shared(dh: Any, g: Any, s: Any, u: Any, a: Any) -> tuple[An
         np.multiply(s2[r], t, out=t)                                         # silu'(g) = s (1 + g (1 - s))
         np.multiply(dh2[r], u2[r], out=dg[r])
         dg[r] *= t
-    threads.share([lambda r=r: rows(r) for r in threads.row_blocks(dh2.shape[0], 4)])
+    threads.share_rows(rows, dh2.shape[0], 4)
     return dg.reshape(dh.shape), du.reshape(dh.shape)
 
 

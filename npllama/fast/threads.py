@@ -26,6 +26,11 @@ def share(jobs: list[Callable[[], None]]) -> None:
             f.result()                                                       # re-raises a worker's error
 
 
+def share_rows(rows: Callable[[slice], None], n_rows: int, parts: int) -> None:
+    """rows(r) for `parts` contiguous row ranges r covering n_rows, shared out as above."""
+    share([lambda r=r: rows(r) for r in row_blocks(n_rows, parts)])
+
+
 def row_blocks(n_rows: int, parts: int) -> list[slice]:
     """n_rows cut into `parts` contiguous slices of (nearly) equal size, none empty."""
     parts = max(1, min(parts, n_rows))
