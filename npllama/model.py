@@ -16,6 +16,7 @@ from npllama.config import LlamaConfig
 from npllama.errors import InputError, InputTypeError
 from npllama.fast import storage
 from npllama.fast.ops import FastOps
+from npllama.fast.step import StepOps
 from npllama.hostmem import keep_freed_memory
 from npllama.kvcache import KVCache
 from npllama.layers import lora, rope
@@ -111,6 +112,8 @@ class Llama:
         self.fused = (self.xp is not np and not self.reference) if fused is None else bool(fused)
         self.tf32 = bool(tf32)
         self.ops = ReferenceOps(config) if self.reference else FastOps(config, self.fused)
+        # one token per row through the KV cache (decoding) on the host: the same math in fewer NumPy calls
+        self._step_ops = StepOps(config) if self.xp is np and not self.reference else None
         self._rope_cache: tuple[Any, Any] | None = None
         self._graph_decoder: Any = None        # built by generate(..., cuda_graph=True), kept for reuse
         shapes = param_shapes(config)
@@ -249,7 +252,9 @@ class Llama:
         """
         ids = self._check_ids(ids)
         ctx = self._context(ids.shape, cache, start_pos, positions, attn_mask)
-        return transformer.forward(self.ops, self.weights(), ids, ctx, last_only=last_only)[0]
+        step = self._step_ops is not None and ids.shape[1] == 1 and cache is not None
+        return transformer.forward(self._step_ops if step else self.ops, self.weights(), ids, ctx,
+                                   last_only=last_only)[0]
 
     def _context(self, shape: tuple, cache: KVCache | None, start_pos: int, positions: Any,
                  attn_mask: Any) -> Context:
