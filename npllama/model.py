@@ -16,7 +16,7 @@ from npllama.config import LlamaConfig
 from npllama.errors import InputError, InputTypeError
 from npllama.fast import storage
 from npllama.fast.ops import FastOps
-from npllama.fast.step import StepOps
+from npllama.fast.infer import InferOps, StepOps
 from npllama.hostmem import keep_freed_memory
 from npllama.kvcache import KVCache
 from npllama.layers import lora, rope
@@ -112,8 +112,10 @@ class Llama:
         self.fused = (self.xp is not np and not self.reference) if fused is None else bool(fused)
         self.tf32 = bool(tf32)
         self.ops = ReferenceOps(config) if self.reference else FastOps(config, self.fused)
-        # one token per row through the KV cache (decoding) on the host: the same math in fewer NumPy calls
-        self._step_ops = StepOps(config) if self.xp is np and not self.reference else None
+        # forward() on the host keeps nothing for a backward: the same math in fewer passes and NumPy calls,
+        # and fewer still for one token per row through the KV cache (decoding)
+        host = self.xp is np and not self.reference
+        self._infer_ops, self._step_ops = (InferOps(config), StepOps(config)) if host else (self.ops, self.ops)
         self._rope_cache: tuple[Any, Any] | None = None
         self._graph_decoder: Any = None        # built by generate(..., cuda_graph=True), kept for reuse
         shapes = param_shapes(config)
@@ -252,9 +254,8 @@ class Llama:
         """
         ids = self._check_ids(ids)
         ctx = self._context(ids.shape, cache, start_pos, positions, attn_mask)
-        step = self._step_ops is not None and ids.shape[1] == 1 and cache is not None
-        return transformer.forward(self._step_ops if step else self.ops, self.weights(), ids, ctx,
-                                   last_only=last_only)[0]
+        ops = self._step_ops if ids.shape[1] == 1 and cache is not None else self._infer_ops
+        return transformer.forward(ops, self.weights(), ids, ctx, last_only=last_only)[0]
 
     def _context(self, shape: tuple, cache: KVCache | None, start_pos: int, positions: Any,
                  attn_mask: Any) -> Context:

@@ -76,3 +76,14 @@ def rel_err(a, b) -> float:
     """max|a - b| / max|b|."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture()
+def two_blas_threads():
+    """NumPy's OpenBLAS at 2 threads for the test (the shared-work paths need more than one), then as it was."""
+    from npllama import blasthreads
+    before = blasthreads.get_threads(use_threadpoolctl=False)
+    assert before is not None, "NumPy's OpenBLAS was not found through ctypes"
+    blasthreads.set_threads(2, use_threadpoolctl=False)
+    yield blasthreads
+    blasthreads.set_threads(before, use_threadpoolctl=False)

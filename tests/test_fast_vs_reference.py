@@ -96,17 +96,6 @@ def test_attention_with_a_kv_cache_and_padding(block, keep, monkeypatch):
     close(kv_fast[1], kv_ref[1])
 
 
-@pytest.fixture()
-def two_blas_threads():
-    """NumPy's OpenBLAS at 2 threads for the test (the shared-work paths need more than one), then as it was."""
-    from npllama import blasthreads
-    before = blasthreads.get_threads(use_threadpoolctl=False)
-    assert before is not None, "NumPy's OpenBLAS was not found through ctypes"
-    blasthreads.set_threads(2, use_threadpoolctl=False)
-    yield blasthreads
-    blasthreads.set_threads(before, use_threadpoolctl=False)
-
-
 def _watch_shares(monkeypatch) -> list:
     """Record each threads.share call: (jobs, BLAS thread counts seen inside: {1} when it was shared out)."""
     from npllama import blasthreads

@@ -96,16 +96,21 @@ def forward(x: Any, p: dict[str, Any], cos: Any, sin: Any, n_heads: int, n_kv: i
 
 
 def _infer(qg: Any, k: Any, v: Any, scale: float, start_pos: int, G: int, key_mask: Any) -> Any:
-    """The forward's attention core when no backward follows: the same blocks, three passes fewer over the
+    """The forward's attention core when no backward follows: the same blocks, four passes fewer over the
     scores. The scale goes on the queries (T rows, not T x S scores), the causal mask only on the keys a block
-    shares with its own queries (the ones before it are seen by all), and the softmax's division on the
-    (rows, hd) output instead of the (rows, S) weights. On the host a long prompt's blocks are shared out
-    over the free cores, one (block, batch row, KV head) at a time: the element-wise passes (max, exp, sum)
-    are single-threaded in NumPy and at 8k tokens cost more than the products. qg (B, KV, T G, hd) -> same."""
+    shares with its own queries (the ones before it are seen by all), the softmax's division on the (rows, hd)
+    output instead of the (rows, S) weights, and the weights' row sums come out of the weights-times-values
+    product (a column of ones beside the values: 1/hd more of that product, against a pass over the weights).
+    On the host a long prompt's blocks are shared out over the free cores, one (block, batch row, KV head) at
+    a time: the element-wise passes (max, exp) are single-threaded in NumPy and at 8k tokens cost more than
+    the products. qg (B, KV, T G, hd) -> same."""
     xp = get_array_module(qg)
     B, KV, TG, hd = qg.shape
     qg = qg * qg.dtype.type(scale)
     kT = k.transpose(0, 1, 3, 2)                                             # (B, KV, hd, S)
+    v1 = xp.empty(v.shape[:-1] + (hd + 1,), dtype=v.dtype)                   # (B, KV, S, hd + 1): [v, 1]
+    v1[..., :hd] = v
+    v1[..., hd] = 1.0
     out = xp.empty_like(qg)
     lowest = xp.finfo(qg.dtype).min      # finite, as in _causal_softmax_: a fully masked row stays finite
 
@@ -120,9 +125,8 @@ def _infer(qg: Any, k: Any, v: Any, scale: float, start_pos: int, G: int, key_ma
             xp.copyto(s.reshape(b, h, n, G, S1), lowest, where=~key_mask[bs, None, None, None, :S1].astype(bool))
         s -= s.max(axis=-1, keepdims=True)
         e = xp.exp(s, out=s)
-        o = e @ v[bs, hs, :S1]                                               # (b, h, n G, hd)
-        o /= e.sum(axis=-1, keepdims=True)
-        out[bs, hs, rows] = o
+        o = e @ v1[bs, hs, :S1]                                              # (b, h, n G, hd + 1): [e v, sum e]
+        xp.divide(o[..., :hd], o[..., hd:], out=out[bs, hs, rows])
 
     T = TG // G
     if xp is np and B * KV * TG * (start_pos + T / 2) >= PARALLEL_MIN:

@@ -1,6 +1,7 @@
-"""The host decoding step (npllama.fast.step.StepOps: one token per row through the KV cache, fewest NumPy
-calls) equals the reference layers in float64: layer by layer with padding masks, per-row rotary positions
-and biases, and end to end through greedy and ragged-batch generation. The model must actually take it."""
+"""Host inference (npllama.fast.infer: InferOps for every forward, StepOps for one token per row through the
+KV cache) equals the reference layers in float64: layer by layer with padding masks, per-row rotary positions,
+biases and the row blocks shared over threads, and end to end through prefill, greedy and ragged-batch
+generation. The model must actually take these paths."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import npllama
 from conftest import CONFIGS, hf_model, rel_err
 from npllama.config import LlamaConfig
-from npllama.fast.step import StepOps
+from npllama.fast import mlp as fast_mlp, rope as fast_rope, threads
+from npllama.fast.infer import InferOps, StepOps
 from npllama.kvcache import KVCache
 from npllama.layers import attention, mlp, rmsnorm, rope
 from npllama.transformer import Context
@@ -62,8 +64,9 @@ def test_step_attention_equals_reference(H, KV, hd, bias, padding, per_row_posit
     close(cache.v[0], kv_ref[1])
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_step_mlp_and_rmsnorm_equal_reference(bias):
+def test_infer_mlp_and_rmsnorm_equal_reference(bias, shared, monkeypatch, two_blas_threads):
     rng = np.random.default_rng(2)
     D, I, B = 12, 20, 3
     p = {"gate_proj.weight": rng.standard_normal((I, D)), "up_proj.weight": rng.standard_normal((I, D)),
@@ -72,11 +75,31 @@ def test_step_mlp_and_rmsnorm_equal_reference(bias):
         p.update({"gate_proj.bias": rng.standard_normal(I), "up_proj.bias": rng.standard_normal(I),
                   "down_proj.bias": rng.standard_normal(D)})
     pf = stack(dict(p), "gate_up_proj", ("gate_proj", "up_proj"))
-    x, w = rng.standard_normal((B, 1, D)), rng.standard_normal(D)
-    ops = StepOps(LlamaConfig(hidden_size=D, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2,
-                              vocab_size=5, rms_norm_eps=1e-6))
-    close(ops.mlp(x, pf)[0], mlp.forward(x, p)[0])
-    close(ops.rmsnorm(x, w)[0], rmsnorm.forward(x, w, 1e-6)[0])
+    calls = []
+    if shared:                                          # every size is shared out, in 4 row blocks of 7 tokens x 2
+        monkeypatch.setattr(fast_mlp, "PARALLEL_MIN", 0)
+        real = threads.share
+        monkeypatch.setattr(threads, "share", lambda jobs: calls.append(len(jobs)) or real(jobs))
+    ops = InferOps(LlamaConfig(hidden_size=D, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2,
+                               vocab_size=5, rms_norm_eps=1e-6))
+    for T in (1, 7):                                    # a decoding step's shape and a prompt's
+        x, w = rng.standard_normal((B, T, D)), rng.standard_normal(D)
+        y, none = ops.mlp(x, pf)
+        assert none is None
+        close(y, mlp.forward(x, p)[0])
+        close(ops.rmsnorm(x, w)[0], rmsnorm.forward(x, w, 1e-6)[0])
+    assert calls == ([3, 4] if shared else [])
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rotation_is_the_reference_bit_for_bit(per_row):
+    rng = np.random.default_rng(4)
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, vocab_size=5)
+    pos = rng.integers(0, 30, (2, 5)) if per_row else np.arange(3, 8)
+    cos, sin = rope.tables(cfg, pos, np.float64)
+    x = rng.standard_normal((2, 5, 3, 8))
+    np.testing.assert_array_equal(fast_rope.apply(x, cos, sin), rope.apply(x, cos, sin))
+    np.testing.assert_array_equal(fast_rope.apply_backward(x, cos, sin), rope.apply_backward(x, cos, sin))
 
 
 def _models(name, save_hf):
@@ -88,9 +111,10 @@ def _models(name, save_hf):
 @pytest.mark.parametrize("name", ["gqa-tied-linear", "bias-llama3", "mqa-headdim-dynamic"])
 def test_decoding_takes_the_step_and_equals_reference(name, save_hf, monkeypatch):
     fast, ref = _models(name, save_hf)
-    taken = []
-    real = StepOps.attention
+    taken, prefills = [], []
+    real, real_mlp = StepOps.attention, InferOps.mlp
     monkeypatch.setattr(StepOps, "attention", lambda self, *a: taken.append(1) or real(self, *a))
+    monkeypatch.setattr(InferOps, "mlp", lambda self, x, w: prefills.append(x.shape[1]) or real_mlp(self, x, w))
     r = np.random.default_rng(3)
     prompt = r.integers(0, 97, (2, 7))
     outs = []
@@ -101,7 +125,9 @@ def test_decoding_takes_the_step_and_equals_reference(name, save_hf, monkeypatch
             nxt = steps[-1][:, -1].argmax(axis=-1)[:, None]
             steps.append(m.forward(nxt, cache=cache, start_pos=7 + t, last_only=True))
         outs.append(np.concatenate(steps, axis=1))
-    assert len(taken) == 10 * fast.config.num_hidden_layers   # every decoding step, no prefill
+    n = fast.config.num_hidden_layers
+    assert len(taken) == 10 * n                              # every decoding step, no prefill
+    assert prefills == [7] * n + [1] * 10 * n                # the prefill took InferOps too
     close(outs[0], outs[1])
     # a ragged batch: left padding, per-row positions and the padding mask through the step
     prompts = [r.integers(0, 97, 9).tolist(), r.integers(0, 97, 3).tolist(), r.integers(0, 97, 6).tolist()]
