@@ -2,9 +2,10 @@
 
     ids -> embed -> [ x += attn(rms_norm(x)); x += mlp(rms_norm(x)) ] * n_layers -> rms_norm -> lm_head -> logits
 
-and its backward, the same steps read in reverse. Three op sets run it: `ReferenceOps` (the textbook
-layers in `npllama.layers`), `npllama.fast.ops.FastOps` (the speed layer) and, for one decoded token
-captured as a CUDA graph, `npllama.fast.decode.CudaOps`.
+and its backward, the same steps read in reverse. These op sets run it: `ReferenceOps` (the textbook
+layers in `npllama.layers`), `npllama.fast.ops.FastOps` (the speed layer), `npllama.fast.infer.InferOps`
+and `StepOps` (host forwards that keep nothing for a backward; one decoded token per row) and, for one
+decoded token captured as a CUDA graph, `npllama.fast.decode.CudaOps`.
 """
 from __future__ import annotations
 
