@@ -11,7 +11,7 @@ import npllama
 from conftest import CONFIGS, hf_model, rel_err
 from npllama.config import LlamaConfig
 from npllama.fast import mlp as fast_mlp, rope as fast_rope, threads
-from npllama.fast.infer import InferOps, StepOps
+from npllama.fast.infer import InferOps, StepOps, project
 from npllama.kvcache import KVCache
 from npllama.layers import attention, mlp, rmsnorm, rope
 from npllama.transformer import Context
@@ -146,3 +146,12 @@ def test_layers_it_cannot_take_go_to_the_general_path(save_hf):
     fast.forward(np.array([prompt]), cache=cache_f)
     ref.forward(np.array([prompt]), cache=cache_r)
     close(fast.forward(np.array([[9]]), cache=cache_f, start_pos=4), ref.forward(np.array([[9]]), cache=cache_r, start_pos=4))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 16, 17, 64])
+def test_project_takes_either_product_form(rows):
+    rng = np.random.default_rng(6)
+    W = rng.standard_normal((24, 10))
+    x = rng.standard_normal((rows, 10))
+    for w in (W, np.ascontiguousarray(W.T).T):           # stored (out, in), and (in, out) behind a view
+        close(project(x, w), x @ W.T)

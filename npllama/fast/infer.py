@@ -21,6 +21,15 @@ from npllama.fast.ops import FastOps
 from npllama.transformer import Context
 
 
+def project(x2: Any, W: Any) -> Any:
+    """x2 (N, in) @ W.T for W (out, in). A batch of 2-16 decoded rows against a W stored (out, in) goes as
+    (W @ x2.T).T: OpenBLAS then packs the few rows, not the whole matrix, for the same product (Intel Xeon, 2 cores,
+    8 rows: 1.3-1.6x faster; bench/README.md). One row is a matrix-vector product either way."""
+    if 2 <= x2.shape[0] <= 16 and W.flags.c_contiguous:
+        return (W @ x2.T).T
+    return x2 @ W.T
+
+
 class InferOps(FastOps):
     """FastOps for a host forward that keeps nothing for a backward (caches come back None).
 
@@ -41,7 +50,7 @@ class InferOps(FastOps):
         if "gate_up_proj.weight" not in w:
             return super().mlp(x, w)
         x2 = x.reshape(-1, x.shape[-1])
-        gu = x2 @ w["gate_up_proj.weight"].T                                    # (N, 2 I)
+        gu = project(x2, w["gate_up_proj.weight"])                              # (N, 2 I)
         if "gate_up_proj.bias" in w:
             gu += w["gate_up_proj.bias"]
         I = gu.shape[1] // 2
@@ -58,7 +67,7 @@ class InferOps(FastOps):
             threads.share_rows(rows, h.shape[0], 4)
         else:
             rows(slice(None))
-        y = h @ w["down_proj.weight"].T
+        y = project(h, w["down_proj.weight"])
         if "down_proj.bias" in w:
             y += w["down_proj.bias"]
         return y.reshape(x.shape), None
@@ -79,7 +88,7 @@ class StepOps(InferOps):
         c = self.config
         H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         B, G, p = x.shape[0], H // KV, ctx.start_pos
-        qkv = x.reshape(B, -1) @ w["qkv_proj.weight"].T                        # (B, (H + 2 KV) hd)
+        qkv = project(x.reshape(B, -1), w["qkv_proj.weight"])                  # (B, (H + 2 KV) hd)
         if "qkv_proj.bias" in w:
             qkv += w["qkv_proj.bias"]
         r = rope.rotate(qkv[:, :(H + KV) * hd].reshape(B, 1, H + KV, hd), *self._pair_tables(ctx))
@@ -96,7 +105,7 @@ class StepOps(InferOps):
         np.exp(s, out=s)
         o = s @ vbuf[:B, :, :p + 1]                                              # (B, KV, G, hd)
         o /= s.sum(axis=-1, keepdims=True)
-        y = o.reshape(B, H * hd) @ w["o_proj.weight"].T
+        y = project(o.reshape(B, H * hd), w["o_proj.weight"])
         if "o_proj.bias" in w:
             y += w["o_proj.bias"]
         return y.reshape(x.shape), None
