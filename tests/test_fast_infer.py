@@ -15,7 +15,7 @@ from npllama.fast.infer import InferOps, StepOps, project
 from npllama.kvcache import KVCache
 from npllama.layers import attention, mlp, rmsnorm, rope
 from npllama.transformer import Context
-from test_layers_fd import stack
+from test_layers_fd import attention_weights, stack
 
 TOL = 1e-12
 
@@ -34,12 +34,7 @@ def test_step_attention_equals_reference(H, KV, hd, bias, padding, per_row_posit
     cfg = LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
                       num_key_value_heads=KV, head_dim=hd, vocab_size=5, rope_scaling={"rope_type": "linear",
                                                                                           "factor": 2.0})
-    p = {"q_proj.weight": rng.standard_normal((H * hd, D)) * 0.4, "k_proj.weight": rng.standard_normal((KV * hd, D)) * 0.4,
-         "v_proj.weight": rng.standard_normal((KV * hd, D)) * 0.4, "o_proj.weight": rng.standard_normal((D, H * hd)) * 0.4}
-    if bias:
-        for n, k in (("q_proj", H), ("k_proj", KV), ("v_proj", KV)):
-            p[n + ".bias"] = rng.standard_normal(k * hd)
-        p["o_proj.bias"] = rng.standard_normal(D)
+    p = attention_weights(rng, D, H, KV, hd, bias, 0.4)
     pf = stack(dict(p), "qkv_proj", ("q_proj", "k_proj", "v_proj"))
     x = rng.standard_normal((B, 1, D))
     if per_row_positions:                                    # left padding: each row's own position

@@ -16,7 +16,7 @@ from npllama.fast import linear as fast_linear
 from npllama.fast.linear import backward_split
 from npllama.fast.storage import STACKED
 from npllama.layers import attention, linear, loss, mlp, rmsnorm, rope
-from test_layers_fd import stack
+from test_layers_fd import attention_weights, stack
 
 TOL = 1e-12
 rng = np.random.default_rng(0)
@@ -48,12 +48,7 @@ def test_attention(H, KV, hd, bias, is_stacked, block, scaling, monkeypatch):
                       num_key_value_heads=KV, head_dim=hd, vocab_size=5, max_position_embeddings=8,
                       rope_scaling=scaling)
     cos, sin = rope.tables(cfg, np.arange(T), np.float64)
-    p = {"q_proj.weight": rng.standard_normal((H * hd, D)) * 0.4, "k_proj.weight": rng.standard_normal((KV * hd, D)) * 0.4,
-         "v_proj.weight": rng.standard_normal((KV * hd, D)) * 0.4, "o_proj.weight": rng.standard_normal((D, H * hd)) * 0.4}
-    if bias:
-        for n, k in (("q_proj", H), ("k_proj", KV), ("v_proj", KV)):
-            p[n + ".bias"] = rng.standard_normal(k * hd)
-        p["o_proj.bias"] = rng.standard_normal(D)
+    p = attention_weights(rng, D, H, KV, hd, bias, 0.4)
     pf = stack(dict(p), "qkv_proj", ("q_proj", "k_proj", "v_proj")) if is_stacked else p
     x, dy = rng.standard_normal((B, T, D)), rng.standard_normal((B, T, D))
     y_ref, c_ref = attention.forward(x, p, cos, sin, H, KV, hd)

@@ -89,6 +89,18 @@ def stack(p, stacked, names):
     return p
 
 
+def attention_weights(rng, D, H, KV, hd, bias, scale):
+    """Random q/k/v/o weights (and biases when `bias`) of one attention layer, one array per HF name."""
+    p = {f"{n}.weight": rng.standard_normal(shape) * scale
+         for n, shape in (("q_proj", (H * hd, D)), ("k_proj", (KV * hd, D)), ("v_proj", (KV * hd, D)),
+                          ("o_proj", (D, H * hd)))}
+    if bias:
+        for n, k in (("q_proj", H), ("k_proj", KV), ("v_proj", KV)):
+            p[n + ".bias"] = rng.standard_normal(k * hd)
+        p["o_proj.bias"] = rng.standard_normal(D)
+    return p
+
+
 # reference; fast with separate and stacked projections; fast in 3 query blocks of 2
 @pytest.mark.parametrize("impl,stacked,block", [(attention, False, 0), (fast_attention, False, 64),
                                                 (fast_attention, True, 64), (fast_attention, True, 2)])
@@ -99,12 +111,7 @@ def test_attention_block(H, KV, bias, impl, stacked, block, monkeypatch):
     cfg = LlamaConfig(hidden_size=D, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
                       num_key_value_heads=KV, head_dim=hd, vocab_size=5)
     cos, sin = rope.tables(cfg, np.arange(T), np.float64)
-    p = {"q_proj.weight": rng.standard_normal((H * hd, D)) * 0.5, "k_proj.weight": rng.standard_normal((KV * hd, D)) * 0.5,
-         "v_proj.weight": rng.standard_normal((KV * hd, D)) * 0.5, "o_proj.weight": rng.standard_normal((D, H * hd)) * 0.5}
-    if bias:
-        for n, k in (("q_proj", H), ("k_proj", KV), ("v_proj", KV)):
-            p[n + ".bias"] = rng.standard_normal(k * hd)
-        p["o_proj.bias"] = rng.standard_normal(D)
+    p = attention_weights(rng, D, H, KV, hd, bias, 0.5)
     if stacked:
         p = stack(p, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
     x = rng.standard_normal((B, T, D))
