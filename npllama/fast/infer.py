@@ -6,9 +6,9 @@ Why: a forward that no backward follows need not keep SwiGLU's sigmoid and silu 
 input, so each is a pass (and an array) fewer. And at one token a layer's matrix-vector products stream ~17
 MB of weights in ~1 ms while everything else is arrays of a few hundred numbers, where a NumPy call costs
 its overhead (1.5-5 us on the machines measured), not its arithmetic: the general layers spend ~60 calls
-per layer on shapes, masks and caches that one token does not need (about 370 us per layer on an Intel
-Xeon, 2 cores: a quarter of the step); the step's layer is ~30 calls. Results equal the general path's up
-to rounding (tested in float64).
+per layer on shapes, masks and caches that one token does not need (about 370 us per layer on an
+Intel(R) Xeon(R) Processor @ 2.60GHz, 2 cores: a quarter of the step); the step's layer is ~30 calls.
+Results equal the general path's up to rounding (tested in float64).
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from npllama.transformer import Context
 
 def project(x2: Any, W: Any) -> Any:
     """x2 (N, in) @ W.T for W (out, in). A batch of 2-16 decoded rows against a W stored (out, in) goes as
-    (W @ x2.T).T: OpenBLAS then packs the few rows, not the whole matrix, for the same product (Intel Xeon, 2 cores,
-    8 rows: 1.3-1.6x faster; bench/README.md). One row is a matrix-vector product either way."""
+    (W @ x2.T).T: OpenBLAS then packs the few rows, not the whole matrix, for the same product
+    (Intel(R) Xeon(R) Processor @ 2.60GHz, 2 cores, 8 rows: 1.3-1.6x faster; bench/README.md).
+    One row is a matrix-vector product either way."""
     if 2 <= x2.shape[0] <= 16 and W.flags.c_contiguous:
         return (W @ x2.T).T
     return x2 @ W.T
